@@ -1,0 +1,134 @@
+"""The `mlsd` command line. Each subcommand is a small function; errors print once, cleanly."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Callable
+
+from mlsd.errors import MlsdError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models-dir", metavar="DIR",
+                   help="models root in the A1111 layout (default: $MLSD_MODELS_DIR, the settings file, ./models)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from mlsd.describe import describe, format_description
+    from mlsd.paths import models_dir
+
+    root = models_dir(args.models_dir)
+    path = _resolve_any(root, args.file)
+    info = describe(path, with_hash=not args.no_hash)
+    print(json.dumps(info, indent=2) if args.json else format_description(info))
+    return 0
+
+
+def _resolve_any(root, name):
+    from mlsd.errors import ModelNotFoundError
+
+    for kind in ("checkpoint", "lora", "vae"):
+        try:
+            return root.resolve(name, kind)
+        except ModelNotFoundError:
+            continue
+    return root.resolve(name, "checkpoint")  # raises with the checkpoint folder's listing
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from mlsd.describe import describe
+    from mlsd.paths import models_dir
+
+    root = models_dir(args.models_dir)
+    listing: dict[str, list] = {}
+    for kind in ("checkpoint", "lora", "vae", "coreml"):
+        entries = []
+        for path in root.list(kind):
+            entry = {"name": path.name, "path": str(path)}
+            if kind != "coreml":
+                try:
+                    info = describe(path, with_hash=False)
+                    entry |= {k: info[k] for k in ("family", "kind", "prediction_type", "size_bytes",
+                                                    "format", "inpainting") if k in info}
+                except MlsdError as e:
+                    entry["error"] = e.what
+            entries.append(entry)
+        listing[kind] = entries
+    if args.json:
+        print(json.dumps({"models_dir": str(root.root), "source": root.source, **listing}, indent=2))
+        return 0
+    print(f"models directory: {root.root} (from {root.source})")
+    for kind, entries in listing.items():
+        print(f"\n{kind} ({', '.join(str(f) for f in root.folders(kind))}):")
+        if not entries:
+            print("  (none)")
+        for e in entries:
+            detail = e.get("error") or " ".join(
+                str(e[k]) for k in ("family", "kind", "format", "prediction_type") if e.get(k))
+            print(f"  {e['name']:<48} {detail}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from mlsd.devices import describe_environment
+
+    report = describe_environment()
+    print(json.dumps(report, indent=2) if args.json else "\n".join(f"{k:>16}: {v}" for k, v in report.items()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlsd", description="Stable Diffusion checkpoints and LoRAs on Core ML (Apple Silicon) or PyTorch.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("inspect", help="describe a checkpoint, LoRA or VAE file")
+    p.add_argument("file", help="path, or a name in the models directory")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-hash", action="store_true", help="skip the sha256 (slow on multi-GB files)")
+    _common(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("models", help="list the models directory")
+    p.add_argument("--json", action="store_true")
+    _common(p)
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("doctor", help="what this machine can run, and why mlsd picks what it picks")
+    p.add_argument("--json", action="store_true")
+    _common(p)
+    p.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except MlsdError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {e.title}: {e.render()}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # noqa: BLE001 - the one place that turns bugs into a readable exit
+        if args.debug:
+            traceback.print_exc()
+        else:
+            exc = sys.exc_info()[1]
+            print(f"internal error: {type(exc).__name__}: {exc}\n  rerun with --debug for the traceback",
+                  file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
