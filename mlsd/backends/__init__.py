@@ -1,0 +1,1 @@
+"""Backends supply four things: text encoding, noise prediction, VAE encode and decode."""
