@@ -83,6 +83,32 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_info(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from mlsd.errors import InputFileError
+    from mlsd.infotext import GenerationParams, read_image_parameters
+
+    found = read_image_parameters(args.image)
+    if found.source == "none":
+        raise InputFileError("The image carries no generation parameters.", where=args.image,
+                             fix="metadata may have been stripped (screenshots, re-saves, most uploads)")
+    if args.json:
+        out: dict = {"file": args.image, "source": found.source, "fields": found.fields}
+        if found.source == "a1111":
+            out |= {"parameters": found.raw, "params": asdict(GenerationParams.from_infotext(found.raw))}
+        else:
+            out["note"] = found.note
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+    elif found.source == "a1111":
+        print(found.raw)
+    else:  # ComfyUI keeps a node graph, not text: show what could be read out of it
+        print(found.note)
+        for key, value in found.fields.items():
+            print(f"{key}: {value}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlsd", description="Stable Diffusion checkpoints and LoRAs on Core ML (Apple Silicon) or PyTorch.")
@@ -104,6 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _common(p)
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("info", help="show the generation parameters stored in a PNG, JPEG or WebP")
+    p.add_argument("image", help="image file (mlsd, A1111, Civitai or ComfyUI)")
+    p.add_argument("--json", action="store_true", help="print the parsed fields as JSON")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=cmd_info)
+
+    from mlsd import cli_generate
+    from mlsd.demo import run as demo
+
+    cli_generate.add_parsers(sub, _common)
+    demo.add_parser(sub, _common)
     return parser
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import yaml
-
 from mlsd.checkpoints.detect import CLIP_TE, EMA, OPENCLIP_TE, UNET, VAE, detect
 from mlsd.checkpoints.load import ldm_config_for
 from mlsd.checkpoints.read import read_weights
@@ -50,7 +48,7 @@ def describe(path: str | Path, *, with_hash: bool = True) -> dict:
                            for name, prefix in _COMPONENTS.items()},
         }
         if with_hash:
-            from mlsd.infotext import model_short_hash
+            from mlsd.hashes import model_short_hash
 
             info["short_hash"] = model_short_hash(path)
     return info
@@ -79,7 +77,7 @@ def format_description(info: dict) -> str:
         if value is None or key == "family":
             continue
         if isinstance(value, dict):
-            value = ", ".join(f"{k} {_human(v) if isinstance(v, int) else v}" for k, v in value.items()
+            value = ", ".join(f"{k}: {_human(v) if isinstance(v, int) else v}" for k, v in value.items()
                               if v not in (0, None, ""))
         elif isinstance(value, list):
             value = ", ".join(str(v) for v in value)
@@ -101,7 +99,3 @@ def _human_bytes(n: int) -> str:
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n} B"
-
-
-def yaml_dump(info: dict) -> str:
-    return yaml.safe_dump(info, sort_keys=False)
