@@ -96,23 +96,31 @@ def build_request(args):
         given = getattr(args, key, None)
         values[key] = given if given is not None else reused.get(key, default)
     if values["prompt"] is None:
-        raise UsageError("No prompt given.", where="--prompt", fix='pass --prompt "..." or --from-image IMAGE')
-    sampler = resolve_sampler(values["sampler"] or DEFAULT_SAMPLER, args.schedule_type)
-    prompt, tags = extract_lora_tags(values["prompt"])
-    negative, neg_tags = extract_lora_tags(values["negative_prompt"])
+        raise UsageError("No prompt given.", where="--prompt",
+                         fix='pass --prompt "..." or --from-image IMAGE')
+    try:
+        sampler = resolve_sampler(values["sampler"] or DEFAULT_SAMPLER, args.schedule_type)
+    except UsageError as e:  # name the option, as every other invalid value does
+        raise UsageError(e.what, where="--sampler/--schedule-type" if args.schedule_type else "--sampler",
+                         fix=e.fix) from None
+    # The tags only pick LoRAs here: the prompts keep them (tokenizing drops them), so the saved
+    # parameters hold the prompt as written, as A1111's do.
+    _, tags = extract_lora_tags(values["prompt"])
+    _, neg_tags = extract_lora_tags(values["negative_prompt"])
     request = GenerationRequest(
-        prompt=prompt, negative_prompt=negative, steps=values["steps"], cfg_scale=values["cfg_scale"],
-        seed=values["seed"], sampler=sampler.name, width=values["width"], height=values["height"],
-        batch_size=args.batch_size, batch_count=args.batch_count, clip_skip=values["clip_skip"],
-        strength=values["strength"], resize_mode=args.resize_mode, mask_blur=args.mask_blur,
-        init_image=_open_image(args.init_image, "--init-image"), mask=_open_image(args.mask, "--mask"),
-        outpaint=_outpaint(args.outpaint),
+        prompt=values["prompt"], negative_prompt=values["negative_prompt"], steps=values["steps"],
+        cfg_scale=values["cfg_scale"], seed=values["seed"], sampler=sampler.name, width=values["width"],
+        height=values["height"], batch_size=args.batch_size, batch_count=args.batch_count,
+        clip_skip=values["clip_skip"], strength=values["strength"], resize_mode=args.resize_mode,
+        mask_blur=args.mask_blur, init_image=_open_image(args.init_image, "--init-image"),
+        mask=_open_image(args.mask, "--mask"), outpaint=_outpaint(args.outpaint),
     )
     request.validate()
     if request.mask is not None and request.init_image is not None and request.outpaint is None:
         if request.mask.size != request.init_image.size:
             raise UsageError(f"Mask size {request.mask.size} differs from the init image size "
-                             f"{request.init_image.size}.", where=args.mask, fix="use a mask of the same size")
+                             f"{request.init_image.size}.", where=args.mask,
+                             fix="use a mask of the same size")
     return request, [*tags, *neg_tags], reused.get("model")
 
 
@@ -128,7 +136,8 @@ def _open_image(path: Path | None, option: str):
             im.load()
             return im.copy()
     except (UnidentifiedImageError, OSError) as e:
-        raise InputFileError(f"Cannot read the image ({e}).", where=path, fix="use a PNG, JPEG or WebP file") from e
+        raise InputFileError(f"Cannot read the image ({e}).", where=path,
+                             fix="use a PNG, JPEG or WebP file") from e
 
 
 def _outpaint(text: str | None):
@@ -139,7 +148,8 @@ def _outpaint(text: str | None):
     except ValueError:
         values = ()
     if len(values) != 4:
-        raise UsageError(f"--outpaint '{text}' needs four integers.", where="--outpaint", fix="e.g. 64,64,0,0")
+        raise UsageError(f"--outpaint '{text}' needs four integers.", where="--outpaint",
+                         fix="e.g. 64,64,0,0")
     return values
 
 
@@ -186,6 +196,6 @@ def cmd_generate(args) -> int:
             print(f"seed: {result.seeds[0]}", file=sys.stderr)
         for path in saved.paths:
             print(path)
-        print(f"{len(saved.paths)} image(s) in {result.seconds:.1f} s on {backend.device} ({backend.precision})",
-              file=sys.stderr)
+        print(f"{len(saved.paths)} image(s) in {result.seconds:.1f} s on {backend.device} "
+              f"({backend.precision})", file=sys.stderr)
     return 0

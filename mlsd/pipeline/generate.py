@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from mlsd.backends.base import Backend
-from mlsd.pipeline.images import prepare_init_image, prepare_inpaint
+from mlsd.pipeline.images import overlay_inpaint, prepare_init_image, prepare_inpaint
 from mlsd.pipeline.loop import DenoisePlan, InpaintBlend, denoise
 from mlsd.pipeline.request import GenerationRequest, GenerationResult, Progress
 from mlsd.pipeline.samplers import make_scheduler, resolve_sampler
@@ -162,7 +162,8 @@ def generate(
             yield Progress(batch, request.batch_count, step.step, step.total, latents, step.elapsed)
         timings["denoise"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        images += to_pil(backend.decode(latents))
+        decoded = to_pil(backend.decode(latents))
+        images += overlay_inpaint(decoded, request) if request.mode == "inpaint" and request.overlay else decoded
         timings["vae_decode"] += time.perf_counter() - t0
         seeds += batch_seeds
     request.seed = base_seed

@@ -55,12 +55,15 @@ def outpaint_canvas(image: Image.Image, pads: tuple[int, int, int, int]) -> tupl
     return Image.fromarray(arr), Image.fromarray(mask, mode="L")
 
 
+def soft_mask(mask: Image.Image, width: int, height: int, blur: int) -> Image.Image:
+    """The mask at the image size with A1111's mask blur: what the overlay uses to blend edges."""
+    mask = mask.convert("L").resize((width, height), Image.LANCZOS)
+    return mask.filter(ImageFilter.GaussianBlur(blur)) if blur > 0 else mask
+
+
 def prepare_mask(mask: Image.Image, width: int, height: int, blur: int) -> torch.Tensor:
     """White = repaint. Resized, blurred (A1111 mask blur) and binarised at 0.5 like diffusers' mask processor."""
-    mask = mask.convert("L").resize((width, height), Image.LANCZOS)
-    if blur > 0:
-        mask = mask.filter(ImageFilter.GaussianBlur(blur))
-    arr = np.asarray(mask).astype(np.float32) / 255.0
+    arr = np.asarray(soft_mask(mask, width, height, blur)).astype(np.float32) / 255.0
     return torch.from_numpy((arr >= 0.5).astype(np.float32))[None, None]
 
 
@@ -81,3 +84,17 @@ def inpaint_inputs(request: GenerationRequest) -> tuple[Image.Image, Image.Image
 def prepare_inpaint(request: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor]:
     image, mask = inpaint_inputs(request)
     return to_tensor(image), prepare_mask(mask, image.width, image.height, request.mask_blur)
+
+
+def overlay_original(generated: Image.Image, original: Image.Image, mask: Image.Image) -> Image.Image:
+    """A1111 pastes the original back where the mask is black, so unmasked pixels never go through the VAE."""
+    alpha = np.asarray(mask.convert("L")).astype(np.float32)[..., None] / 255.0
+    out = np.asarray(generated.convert("RGB")).astype(np.float32) * alpha
+    out += np.asarray(original.convert("RGB")).astype(np.float32) * (1.0 - alpha)
+    return Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
+
+
+def overlay_inpaint(images: list[Image.Image], request: GenerationRequest) -> list[Image.Image]:
+    original, mask = inpaint_inputs(request)
+    soft = soft_mask(mask, original.width, original.height, request.mask_blur)
+    return [overlay_original(im, original, soft) for im in images]

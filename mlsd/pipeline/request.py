@@ -33,6 +33,7 @@ class GenerationRequest:
     mask: Image.Image | None = None
     mask_blur: int = 4
     outpaint: tuple[int, int, int, int] | None = None  # left, right, up, down pixels
+    overlay: bool = True  # inpainting: paste the original back outside the (blurred) mask, as A1111 does
 
     def validate(self, latent_multiple: int = 8) -> None:
         """Fail before any work starts, naming the option and the valid range."""
