@@ -32,5 +32,11 @@ lint: setup
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/mlsd demo
 
+# make convert MODEL=<name|path> [LORA=name:0.8,other:0.5] [ARGS="--chunks 3 --quantize-bits 6"]
+comma := ,
+convert: setup
+	@test -n "$(MODEL)" || { echo "usage: make convert MODEL=<name|path> [LORA=name:w,...] [ARGS='...']"; exit 2; }
+	HF_HUB_OFFLINE=1 $(BIN)/mlsd convert "$(MODEL)" $(foreach l,$(subst $(comma), ,$(LORA)),--lora "$(l)") $(ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -142,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_generate.add_parsers(sub, _common)
     demo.add_parser(sub, _common)
+    try:
+        from converters import cli as convert_cli
+    except ImportError:  # an install without the converters package still runs everything else
+        convert_cli = None
+    if convert_cli is not None:
+        convert_cli.add_parser(sub, _common)
     return parser
 
 

@@ -8,6 +8,7 @@ import socket
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools draws a progress bar per compiler pass
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
@@ -40,3 +41,26 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundles(tiny_checkpoints, tmp_path_factory):
+    """Factory: tiny_bundles(name, family='sd1', inpainting=False, loras=(), **options) -> bundle path.
+
+    Conversions are the slow part of the suite: each distinct bundle is converted once per session.
+    """
+    from converters.cli import quiet_coremltools
+    from converters.coreml.convert import ConvertOptions, convert_checkpoint
+
+    quiet_coremltools()
+    root = tmp_path_factory.mktemp("bundles")
+    cache: dict = {}
+
+    def make(name: str, family: str = "sd1", inpainting: bool = False, loras=(), **options):
+        if name not in cache:
+            path, _ = tiny_checkpoints(family, inpainting)
+            opts = ConvertOptions(sizes=[(64, 64)], **options)
+            cache[name] = convert_checkpoint(path, root / name, options=opts, loras=list(loras))
+        return cache[name]
+
+    return make
