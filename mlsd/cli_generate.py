@@ -40,7 +40,10 @@ def add_parsers(sub, common) -> None:
     p.add_argument("--clip-skip", type=int)
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"])
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch"])
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "coreml", "coreml-reference"],
+                   help="auto: Core ML for bundles on macOS, else PyTorch (CUDA > MPS > CPU)")
+    p.add_argument("--compute-unit", default="auto", choices=["auto", "ane", "gpu", "cpu", "all"],
+                   help="Core ML: auto = Neural Engine for split_einsum bundles, GPU for original")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"])
     out = p.add_mutually_exclusive_group()
@@ -153,26 +156,58 @@ def _outpaint(text: str | None):
     return values
 
 
+def resolve_model(root, name: str) -> Path:
+    """A checkpoint (or diffusers folder) by name or path, else a Core ML bundle in models/Core-ML."""
+    from mlsd.errors import ModelNotFoundError
+
+    try:
+        return root.resolve(name, "checkpoint")
+    except ModelNotFoundError:
+        try:
+            return root.resolve(name, "coreml")
+        except ModelNotFoundError:
+            pass
+        raise
+
+
+def model_stamp(model_path: Path, vae_path, loras):
+    """Infotext identity: a bundle reports the checkpoint it was converted from (A1111 hash and LoRAs)."""
+    from mlsd.backends.coreml_backend import is_bundle
+    from mlsd.outputs import ModelStamp
+
+    if not is_bundle(model_path):
+        return ModelStamp.from_paths(model_path, vae_path, [(c.path, c.unet_weight) for c in loras])
+    manifest = json.loads((model_path / "mlsd.json").read_text())
+    loras = manifest.get("loras", [])
+    return ModelStamp(Path(manifest["source"]["path"]).stem, manifest["source"].get("a1111_hash"),
+                      loras={Path(x["path"]).stem: x["unet_weight"] for x in loras},
+                      lora_hashes={Path(x["path"]).stem: x["hash"] for x in loras})
+
+
 def cmd_generate(args) -> int:
-    from mlsd.outputs import ModelStamp, check_targets, save_result
+    from mlsd.outputs import check_targets, save_result
     from mlsd.paths import models_dir
     from mlsd.pipeline.generate import generate
     from mlsd.pipeline.request import GenerationResult
     from mlsd.progress import StepBar
-    from mlsd.session import ModelKey, load_backend, resolve_loras
+    from mlsd.session import ModelKey, choose_backend, load_backend, resolve_loras
 
     request, tags, reused_model = build_request(args)
     root = models_dir(args.models_dir)
     model_name = args.model or reused_model
     if not model_name:
         raise UsageError("No model given.", where="--model", fix="pass --model NAME|PATH (see `mlsd models`)")
-    model_path = root.resolve(model_name, "checkpoint")
+    model_path = resolve_model(root, model_name)
     vae_path = root.resolve(args.vae, "vae") if args.vae else None
     loras = resolve_loras(root, args.lora, tags)
     n_images = request.batch_size * request.batch_count
     check_targets(args.output, n_images, overwrite=args.overwrite)  # refuse before minutes of work
-    backend = load_backend(ModelKey(model_path, vae_path, tuple(loras), args.prediction_type, args.ema,
-                                    args.device, args.precision))
+    key = ModelKey(model_path, vae_path, tuple(loras), args.prediction_type, args.ema, args.device,
+                   args.precision, args.backend, args.compute_unit, request.output_size)
+    kind, _, why = choose_backend(key)
+    if not args.json:
+        print(f"backend: {kind} ({why})", file=sys.stderr)
+    backend = load_backend(key)
     bar = StepBar()
     result = None
     for event in generate(backend, request):
@@ -182,7 +217,7 @@ def cmd_generate(args) -> int:
             label = f"batch {event.batch + 1}/{event.batch_count}" if event.batch_count > 1 else "sampling"
             bar.update(label, event.step, event.total, event.elapsed)
     bar.close()
-    stamp = ModelStamp.from_paths(model_path, vae_path, [(c.path, c.unet_weight) for c in loras])
+    stamp = model_stamp(model_path, vae_path, loras)
     saved = save_result(result, stamp, outputs_root=args.output_dir, output=args.output,
                         overwrite=args.overwrite, grid=not args.no_grid)
     summary = {"images": [str(p) for p in saved.paths], "grid": str(saved.grid) if saved.grid else None,

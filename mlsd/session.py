@@ -66,6 +66,9 @@ class ModelKey:
     ema: bool = False
     device: str = "auto"
     precision: str | None = None
+    backend: str = "auto"  # auto | torch | coreml | coreml-reference
+    compute_unit: str = "auto"
+    size: tuple[int, int] | None = None  # picks the function of a multi-size Core ML bundle
 
 
 @dataclass
@@ -85,11 +88,60 @@ class ModelCache:
             return self._backend
 
 
+BACKENDS = ("auto", "torch", "coreml", "coreml-reference")
+
+
+def choose_backend(key: ModelKey) -> tuple[str, Path, str]:
+    """(backend, path to load, why). Bundles run on Core ML where it exists; elsewhere on their recorded
+    source checkpoint when it is still there (exact, and faster than the reference executor)."""
+    import json
+    import sys
+
+    from mlsd.backends.coreml_backend import is_bundle
+
+    if key.backend not in BACKENDS:
+        raise UsageError(f"Unknown backend '{key.backend}'.", where="--backend", fix=f"use {', '.join(BACKENDS)}")
+    if not is_bundle(key.path):
+        if key.backend in ("coreml", "coreml-reference"):
+            raise UsageError(f"--backend {key.backend} needs a Core ML bundle, and this is a checkpoint.",
+                             where=key.path, fix="convert it first (mlsd convert), or use --backend torch")
+        return "torch", key.path, "a checkpoint runs on PyTorch"
+    if key.loras:
+        raise UsageError("LoRAs cannot be added to a Core ML bundle at run time: they are merged into its weights.",
+                         where=key.path, fix="convert with --lora NAME:WEIGHT, or generate from the checkpoint")
+    if key.backend in ("coreml", "coreml-reference"):
+        return key.backend, key.path, "asked for"
+    source = Path(json.loads((key.path / "mlsd.json").read_text())["source"]["path"])
+    if key.backend == "auto" and sys.platform == "darwin":
+        return "coreml", key.path, "Core ML is available on macOS"
+    if source.is_file() or source.is_dir():
+        return "torch", source, f"Core ML is not available here; running the bundle's source checkpoint {source}"
+    if key.backend == "torch":
+        raise UsageError("--backend torch needs the bundle's source checkpoint, which is gone.",
+                         where=source, fix="use --backend coreml-reference, or restore the checkpoint")
+    return "coreml-reference", key.path, "Core ML is not available here and the source checkpoint is gone"
+
+
 def load_backend(key: ModelKey):
     from mlsd.backends.torch_backend import TorchBackend
     from mlsd.checkpoints.load import load_model
     from mlsd.lora import LoraSpec, apply_loras
 
+    backend, path, why = choose_backend(key)
+    log.info("backend %s: %s", backend, why)
+    if backend != "torch":
+        from mlsd.backends.coreml_backend import CoreMLBackend
+
+        runner = "coreml" if backend == "coreml" else "reference"
+        return CoreMLBackend(path, runner=runner, compute_unit=key.compute_unit, size=key.size)
+    if path != key.path:
+        import json
+
+        manifest = json.loads((key.path / "mlsd.json").read_text())
+        vae = Path(manifest["vae"]["path"]) if manifest.get("vae") else key.vae
+        loras = tuple(LoraChoice(Path(x["path"]), x["unet_weight"], x["te_weight"]) for x in manifest["loras"])
+        key = ModelKey(path, vae, loras, manifest.get("prediction_type"), bool(manifest.get("ema")),
+                       key.device, key.precision)
     model = load_model(key.path, prediction_type=key.prediction_type, use_ema=key.ema, vae=key.vae)
     if key.loras:
         report = apply_loras(model.unet, model.text_encoder,

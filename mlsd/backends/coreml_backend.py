@@ -1,0 +1,180 @@
+"""Core ML bundles as a backend: real Core ML on macOS, or the MIL reference executor anywhere.
+
+Both runners sit behind one tiny interface (`predict(inputs) -> outputs`), so the
+same code - chunk chaining, batch-2 UNet calls, dtype and shape checks - is what
+runs on a Mac and what the tests exercise on Linux.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mlsd.backends.base import ModelTraits
+from mlsd.errors import InputFileError, UsageError
+
+log = logging.getLogger(__name__)
+COMPUTE_UNITS = ("auto", "ane", "gpu", "cpu", "all")
+
+
+def is_bundle(path: Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "mlsd.json").is_file()
+
+
+class _Reference:
+    """The MIL reference executor (any OS)."""
+
+    def __init__(self, path: Path, function: str | None):
+        from mlsd.coreml import Executor
+
+        self.executor = Executor(path, function)
+        self.inputs = {n: (tuple(s.shape), s.dtype) for n, s in self.executor.inputs.items()}
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.executor.run(inputs)
+
+
+class _CoreML:
+    """Core ML itself (macOS only); compiled once by Core ML and cached by the OS afterwards."""
+
+    def __init__(self, path: Path, function: str | None, compute_unit: str):
+        import coremltools as ct
+
+        units = {"ane": ct.ComputeUnit.CPU_AND_NE, "gpu": ct.ComputeUnit.CPU_AND_GPU,
+                 "cpu": ct.ComputeUnit.CPU_ONLY, "all": ct.ComputeUnit.ALL}[compute_unit]
+        log.info("loading %s on %s (the first load compiles for the device and can take minutes)",
+                 path.name, compute_unit)
+        kwargs = {"function_name": function} if function else {}
+        self.model = ct.models.MLModel(str(path), compute_units=units, **kwargs)
+        spec = self.model.get_spec()
+        self.inputs = {i.name: (tuple(i.type.multiArrayType.shape), _dtype(i.type.multiArrayType.dataType))
+                       for i in spec.description.input}
+
+    def predict(self, inputs):
+        return self.model.predict(inputs)
+
+
+def _dtype(code: int) -> str:
+    return {65568: "fp32", 65552: "fp16", 131104: "int32"}.get(code, "fp32")
+
+
+class CoreMLBackend:
+    def __init__(self, bundle: str | Path, *, runner: str = "reference", compute_unit: str = "auto",
+                 size: tuple[int, int] | None = None):
+        from mlsd.families import FAMILIES, load_tokenizer
+
+        self.bundle = Path(bundle)
+        if not is_bundle(self.bundle):
+            raise InputFileError("Not an mlsd Core ML bundle (no mlsd.json).", where=self.bundle,
+                                 fix="convert a checkpoint first: mlsd convert MODEL")
+        self.manifest = json.loads((self.bundle / "mlsd.json").read_text(encoding="utf-8"))
+        self.name = "coreml" if runner == "coreml" else "coreml-reference"
+        self.device = "cpu"
+        self.precision = "fp16"
+        if runner == "coreml" and sys.platform != "darwin":
+            raise UsageError("--backend coreml needs macOS (Core ML cannot run on this OS).", where="--backend",
+                             fix="use --backend coreml-reference (slow, exact) or the source checkpoint")
+        if compute_unit not in COMPUTE_UNITS:
+            raise UsageError(f"Unknown compute unit '{compute_unit}'.", fix=f"use one of {', '.join(COMPUTE_UNITS)}")
+        attention = self.manifest.get("options", {}).get("attention", "split_einsum")
+        if compute_unit == "auto":
+            compute_unit = "gpu" if attention == "original" else "ane"
+            log.info("compute unit %s (bundle attention: %s)", compute_unit, attention)
+        self.compute_unit = compute_unit
+        self.device_reason = f"{self.name}, compute unit {compute_unit}"
+        family = FAMILIES[self.manifest["family"]]
+        self.clip_skip = int(self.manifest.get("clip_skip", 1))
+        self.tokenizer = load_tokenizer(family, self.bundle if (self.bundle / "vocab.json").is_file() else None)
+        components = self.manifest.get("components", {})
+        missing = [c for c in ("text_encoder", "unet", "vae_decoder") if c not in components]
+        if missing:
+            raise InputFileError(f"The bundle lacks {', '.join(missing)}.", where=self.bundle,
+                                 fix="convert again with those --components")
+        unet = components["unet"]
+        functions = unet.get("functions", ["main"])
+        sizes = [s["size"] for s in unet.get("sizes", [])]
+        self._function = None
+        if size is not None and functions != ["main"]:
+            key = f"{size[0]}x{size[1]}"
+            if key not in functions:
+                raise UsageError(f"The bundle's UNet has no {key} function.", where=self.bundle,
+                                 fix=f"use one of its sizes: {', '.join(functions)}")
+            self._function = key
+        self.sizes = sizes
+
+        def make(name, function=None):
+            path = self.bundle / name
+            return _CoreML(path, function, compute_unit) if runner == "coreml" else _Reference(path, function)
+
+        self._text = make("TextEncoder.mlpackage")
+        self._unet = [make(n, self._function) for n in unet["files"]]
+        self._decoder = make("VAEDecoder.mlpackage")
+        self._encoder = make("VAEEncoder.mlpackage") if "vae_encoder" in components else None
+        sample_shape = self._unet[0].inputs["sample"][0]
+        z_shape = self._decoder.inputs["z"][0]
+        image_h = components["vae_decoder"]["io"]["outputs"]["image"]["shape"][2]
+        self.traits = ModelTraits(
+            family=family.name, prediction_type=self.manifest["prediction_type"],
+            scheduler_config=family.scheduler_config(self.manifest["prediction_type"]),
+            latent_channels=z_shape[1], unet_in_channels=sample_shape[1], vae_scale_factor=image_h // z_shape[2],
+            scaling_factor=float(self.manifest.get("vae_scaling_factor", 0.18215)))
+        self.latent_size = tuple(sample_shape[2:])
+
+    # --- the four things a backend supplies
+    def encode_tokens(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        if clip_skip != self.clip_skip:
+            raise UsageError(f"This bundle's text encoder has clip skip {self.clip_skip} baked in; "
+                             f"{clip_skip} was asked for.", where="--clip-skip",
+                             fix=f"use --clip-skip {self.clip_skip}, or convert with --clip-skip {clip_skip}")
+        rows = [self._text.predict({"input_ids": ids[i:i + 1].numpy().astype(np.float32)})["last_hidden_state"]
+                for i in range(ids.shape[0])]
+        return torch.from_numpy(np.concatenate(rows)).float()
+
+    def predict_noise(self, latents, timestep, context):
+        b, _, h, w = latents.shape
+        if (h, w) != self.latent_size:
+            raise UsageError(f"This bundle's UNet runs {self.latent_size[1] * self.traits.vae_scale_factor}x"
+                             f"{self.latent_size[0] * self.traits.vae_scale_factor} images.",
+                             where="--width/--height", fix="use the bundle's size, or convert for this size")
+        if context.shape[1] != 77:
+            raise UsageError(f"The prompt needs {context.shape[1] // 77} chunks of 75 tokens; this bundle's UNet "
+                             "takes one (77 tokens).", where="--prompt", fix="shorten the prompt to 75 tokens")
+        ctx = context.permute(0, 2, 1).unsqueeze(2)  # (B, S, C) -> Apple's (B, C, 1, S)
+        out = []
+        for start in range(0, b, 2):  # Apple's UNet has batch 2 (uncond + cond); pad an odd tail
+            idx = list(range(start, min(start + 2, b)))
+            pair = idx + idx[:1] * (2 - len(idx))
+            t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(2)
+            noise = self._run_unet(latents[pair], t, ctx[pair])
+            out.append(noise[: len(idx)])
+        return torch.cat(out)
+
+    def _run_unet(self, sample, timestep, ctx) -> torch.Tensor:
+        values = {"sample": sample, "timestep": timestep, "encoder_hidden_states": ctx}
+        values = {k: v.numpy().astype(np.float32) for k, v in values.items()}
+        for part in self._unet:
+            feed = {name: _as(values[name], dtype) for name, (_, dtype) in part.inputs.items()}
+            values.update({k: np.asarray(v, dtype=np.float32) for k, v in part.predict(feed).items()})
+        return torch.from_numpy(values["noise_pred"]).float()
+
+    def decode(self, latents):
+        images = [self._decoder.predict({"z": (latents[i:i + 1] / self.traits.scaling_factor).numpy()
+                                         .astype(np.float32)})["image"] for i in range(latents.shape[0])]
+        return torch.from_numpy(np.concatenate(images)).float()
+
+    def encode_image(self, images):
+        if self._encoder is None:
+            raise UsageError("This bundle has no VAE encoder, which img2img and inpainting need.",
+                             where=self.bundle, fix="convert again with --components ...,vae_encoder")
+        out = [self._encoder.predict({"x": images[i:i + 1].numpy().astype(np.float32)})["latent"]
+               for i in range(images.shape[0])]
+        return torch.from_numpy(np.concatenate(out)).float()
+
+
+def _as(array: np.ndarray, dtype: str) -> np.ndarray:
+    return array.astype(np.float16 if dtype == "fp16" else np.float32)

@@ -1,0 +1,334 @@
+"""The terminal UI driven as a person would: Pilot types, presses keys, and we look at files and screens."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("textual")
+
+from textual.widgets import DataTable, Input, Log, Select, Static  # noqa: E402
+
+from mlsd.infotext import GenerationParams, png_pnginfo, read_image_parameters  # noqa: E402
+from mlsd.session import ModelCache  # noqa: E402
+from tui.app import create_app  # noqa: E402
+from tui.messages import Generation  # noqa: E402
+from tui.settings import FormValues, SettingsFile  # noqa: E402
+from tui.widgets.progress import GenerationProgress  # noqa: E402
+from tui.widgets.prompt import PromptArea  # noqa: E402
+
+SIZE = (140, 50)
+FAST = {"steps": 2, "width": 64, "height": 64, "seed": 42, "sampler": "Euler"}
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    """Hash cache and settings in tmp; one torch thread (the cores are shared and small models gain nothing)."""
+    import torch
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.delenv("MLSD_MODELS_DIR", raising=False)
+    monkeypatch.setenv("MLSD_SETTINGS", str(tmp_path / "settings.toml"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_checkpoints) -> Path:
+    """models/ in the A1111 layout with the tiny SD1 checkpoint and a Core ML bundle folder for it."""
+    src, _ = tiny_checkpoints("sd1")
+    root = tmp_path_factory.mktemp("tui-models") / "models"
+    (root / "Stable-diffusion").mkdir(parents=True)
+    shutil.copy(src, root / "Stable-diffusion" / "tiny.safetensors")
+    shutil.copy(src.with_suffix(".yaml"), root / "Stable-diffusion" / "tiny.yaml")
+    (root / "Core-ML" / "tiny-split_einsum-512x512").mkdir(parents=True)
+    (root / "Lora").mkdir()
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache() -> ModelCache:
+    return ModelCache()  # the tiny model loads once for the whole module
+
+
+def write_settings(path: Path, **form) -> Path:
+    SettingsFile(path).save(form=FormValues(**{**FAST, **form}))
+    return path
+
+
+def make_app(tmp_path, models, cache, model=None, **form):
+    settings = write_settings(tmp_path / "settings.toml", **form)
+    return create_app(models_dir=models, output_dir=tmp_path / "outputs", settings_path=settings, cache=cache,
+                      model=model)
+
+
+async def settle(pilot) -> None:
+    """Until no worker runs: a key press or a finished worker may start another one (a screen's refresh)."""
+    idle = 0
+    while idle < 2:
+        await pilot.app.workers.wait_for_complete()
+        await pilot.pause()
+        idle = 0 if any(w.is_running for w in pilot.app.workers) else idle + 1
+
+
+async def wait_for(pilot, condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        await pilot.pause(0.05)
+
+
+def pngs(root: Path) -> list[Path]:
+    return sorted(root.rglob("*.png")) if root.exists() else []
+
+
+def notes(app) -> str:
+    return "\n".join(f"{n.title}: {n.message}" for n in app._notifications)
+
+
+def test_type_prompts_generate_and_save_like_mlsd_generate(tmp_path, models, cache):
+    app = make_app(tmp_path, models, cache)
+    seen = []
+
+    async def body():
+        async with app.run_test(size=SIZE, message_hook=seen.append) as pilot:
+            await settle(pilot)
+            assert app.focused.id == "prompt-text"  # typing starts in the prompt
+            await pilot.press(*"a red fox")
+            await pilot.press("tab")
+            assert app.focused.id == "negative-text"
+            await pilot.press(*"blurry")
+            await pilot.press("ctrl+g")
+            await wait_for(pilot, lambda: any(isinstance(m, Generation.Finished) for m in seen))
+            await settle(pilot)
+            seed = app.screen.query_one("#seed", Input)
+            await pilot.click("#seed-random")
+            randomised = seed.value
+            await pilot.click("#seed-last")
+            return app.screen.query_one(GenerationProgress).status, randomised, seed.value
+
+    status, randomised, reused = asyncio.run(body())
+    assert randomised != "42" and reused == "42"
+    [png] = pngs(tmp_path / "outputs")
+    assert png.parent.parent.name == "txt2img-images" and png.name == "00000-42.png"
+    params = GenerationParams.from_infotext(read_image_parameters(png).raw)
+    assert (params.prompt, params.negative_prompt, params.seed, params.steps) == ("a red fox", "blurry", 42, 2)
+    assert (params.width, params.height, params.sampler, params.model_name) == (64, 64, "Euler", "tiny")
+    assert params.model_hash  # stamped as `mlsd generate` stamps it
+    previews = [m for m in seen if isinstance(m, Generation.Preview)]
+    assert previews and previews[-1].total == 2 and previews[0].image.size == (64, 64)
+    assert str(png) in status and "seed 42" in status
+    last = SettingsFile(tmp_path / "settings.toml").last_form()  # the form is remembered
+    assert (last.prompt, last.negative_prompt, last.steps) == ("a red fox", "blurry", 2)
+
+
+def test_escape_cancels_within_a_step_and_saves_nothing(tmp_path, models, cache):
+    app = make_app(tmp_path, models, cache, steps=400, prompt="a slow fox")
+    seen = []
+
+    async def body():
+        async with app.run_test(size=SIZE, message_hook=seen.append) as pilot:
+            await settle(pilot)
+            await pilot.press("ctrl+g")
+            await wait_for(pilot, lambda: any(isinstance(m, Generation.Preview) for m in seen))
+            await pilot.press("escape")
+            await wait_for(pilot, lambda: any(isinstance(m, Generation.Cancelled) for m in seen))
+            await settle(pilot)
+            return app.screen.query_one(GenerationProgress).status
+
+    status = asyncio.run(body())
+    [cancelled] = [m for m in seen if isinstance(m, Generation.Cancelled)]
+    assert 1 <= cancelled.step < 400 and cancelled.total == 400
+    assert not any(isinstance(m, Generation.Finished) for m in seen)
+    assert pngs(tmp_path / "outputs") == []
+    assert status.startswith("Cancelled after")
+
+
+def test_gallery_lists_outputs_and_reuse_fills_the_form(tmp_path, models, cache):
+    from PIL import Image
+
+    folder = tmp_path / "outputs" / "txt2img-images" / "2024-01-02"
+    folder.mkdir(parents=True)
+    text = GenerationParams(prompt="a (blue:1.2) owl", negative_prompt="lowres", steps=7, sampler="DDIM",
+                            cfg_scale=5.5, seed=1234, width=96, height=128, model_name="tiny").to_infotext()
+    Image.new("RGB", (96, 128), "navy").save(folder / "00000-1234.png", pnginfo=png_pnginfo(text))
+    Image.new("RGB", (8, 8), "red").save(folder / "00001-5.png")  # no parameters; older, listed second
+    old = time.time() - 100
+    import os
+
+    os.utime(folder / "00001-5.png", (old, old))
+    app = make_app(tmp_path, models, cache)
+
+    async def body():
+        async with app.run_test(size=SIZE) as pilot:
+            await settle(pilot)
+            await pilot.press("f3")
+            await settle(pilot)
+            gallery = app.screen
+            assert [p.name for p in gallery.paths] == ["00000-1234.png", "00001-5.png"]
+            assert str(folder) in str(gallery.query_one("#gallery-folder", Static).content)
+            assert "a (blue:1.2) owl" in str(gallery.query_one("#gallery-params", Static).content)
+            await pilot.press("r")
+            await settle(pilot)
+            screen = app.screen
+            form = {i: screen.query_one(f"#{i}", Input).value for i in ("steps", "cfg", "seed", "width", "height")}
+            return (screen.id, screen.query_one("#prompt", PromptArea).text,
+                    screen.query_one("#negative", PromptArea).text, form,
+                    screen.query_one("#sampler", Select).value)
+
+    screen_id, prompt, negative, form, sampler = asyncio.run(body())
+    assert screen_id == "generate-screen"
+    assert (prompt, negative, sampler) == ("a (blue:1.2) owl", "lowres", "DDIM")
+    assert form == {"steps": "7", "cfg": "5.5", "seed": "1234", "width": "96", "height": "128"}
+
+
+def test_bad_input_shows_an_error_and_the_app_keeps_running(tmp_path, models, cache):
+    broken = tmp_path / "broken-models"
+    (broken / "Stable-diffusion").mkdir(parents=True)
+    (broken / "Stable-diffusion" / "broken.safetensors").write_bytes(b"")
+    settings = write_settings(tmp_path / "settings.toml", prompt="a fox")
+    app = create_app(models_dir=broken, output_dir=tmp_path / "outputs", settings_path=settings, cache=cache)
+
+    async def body():
+        async with app.run_test(size=SIZE) as pilot:
+            await settle(pilot)
+            await pilot.press("ctrl+g")
+            await settle(pilot)
+            first = notes(app), app.screen.query_one(GenerationProgress).status
+            app._notifications.clear()
+            # the listing already said so: the select's badge marks the file unreadable
+            label = str(app.screen.query_one("#model", Select).selection)
+            return first, label
+
+    (note, status), label = asyncio.run(body())
+    assert "Cannot read file" in note and "empty (0 bytes)" in note and "broken.safetensors" in note
+    assert status.startswith("Failed")
+    assert label.endswith("broken.safetensors")
+    assert pngs(tmp_path / "outputs") == []
+
+
+MISTAKES = [
+    ("init-image", "does-not-exist.png", "Init image not found"),
+    ("loras", "no-such-lora:0.8", "No lora named 'no-such-lora'"),
+    ("steps", "", "Steps '' is not a whole number"),
+    ("model", "Core-ML/tiny-split_einsum-512x512", "Core ML bundles cannot run in this build yet"),
+]
+
+
+def test_each_mistake_is_named_in_a_notification(tmp_path, models, cache):
+    app = make_app(tmp_path, models, cache, prompt="a fox")
+
+    async def body():
+        found = []
+        async with app.run_test(size=SIZE) as pilot:
+            await settle(pilot)
+            screen = app.screen
+            for field, value, _ in MISTAKES:
+                if field == "model":
+                    screen.query_one("#model", Select).value = str(models / value)
+                else:
+                    widget = screen.query_one(f"#{field}", Input)
+                    before, widget.value = widget.value, value
+                await pilot.press("ctrl+g")
+                await settle(pilot)
+                found.append((notes(app), app.screen.id))
+                app._notifications.clear()
+                if field != "model":
+                    widget.value = before
+        return found
+
+    for (note, screen_id), (_, _, expected) in zip(asyncio.run(body()), MISTAKES, strict=True):
+        assert expected in note and screen_id == "generate-screen"
+    assert pngs(tmp_path / "outputs") == []
+
+
+def test_token_counter_follows_typing_in_75_token_chunks(tmp_path, models, cache):
+    elsewhere = tmp_path / "elsewhere" / "mine.safetensors"  # --model PATH outside the models folder
+    elsewhere.parent.mkdir()
+    shutil.copy(models / "Stable-diffusion" / "tiny.safetensors", elsewhere)
+    app = make_app(tmp_path, models, cache, model=str(elsewhere))
+
+    async def body():
+        async with app.run_test(size=SIZE) as pilot:
+            await settle(pilot)
+            model = app.screen.query_one("#model", Select)
+            assert model.value == str(elsewhere)
+            area = app.screen.query_one("#prompt", PromptArea)
+            counts = [area.count]
+            await pilot.press(*"a red fox")
+            await settle(pilot)
+            counts.append(area.count)
+            area.text_area.insert(", a red fox" * 20)  # 20 x 4 more tokens
+            await settle(pilot)
+            counts.append(area.count)
+            return counts
+
+    assert asyncio.run(body()) == ["0/75", "3/75", "83/150"]
+
+
+def test_help_models_and_convert_screens(tmp_path, models, cache, monkeypatch):
+    from mlsd.hashes import model_short_hash
+
+    app = make_app(tmp_path, models, cache)
+    stages = []
+
+    def fake_convert(checkpoint, bundle, *, options, loras=(), on_stage=None, **kw):
+        for component in ("text_encoder", "unet"):
+            on_stage(component, "start", 0.0)
+            on_stage(component, "done", 0.25)
+        stages.append((checkpoint.name, bundle.name, options.chunks))
+        return bundle
+
+    monkeypatch.setattr("converters.coreml.convert.convert_checkpoint", fake_convert)
+
+    async def body():
+        async with app.run_test(size=SIZE) as pilot:
+            await settle(pilot)
+            await pilot.press("f1")
+            help_text = type(app.screen).__name__
+            await pilot.press("escape")
+            back = app.screen.id
+            await pilot.press("f4")
+            await settle(pilot)
+            table = app.screen.query_one(DataTable)
+            row = [str(c) for c in table.get_row(str(models / "Stable-diffusion" / "tiny.safetensors"))]
+            bundle_row = [str(c) for c in table.get_row(str(models / "Core-ML" / "tiny-split_einsum-512x512"))]
+            await pilot.press("f5")
+            await settle(pilot)
+            app.screen.query_one("#convert-model", Select).value = str(models / "Stable-diffusion" /
+                                                                       "tiny.safetensors")
+            await pilot.press("ctrl+g")
+            await settle(pilot)
+            log = "\n".join(app.screen.query_one(Log).lines)
+            return help_text, back, row, bundle_row, log
+
+    help_name, back, row, bundle_row, log = asyncio.run(body())
+    assert help_name == "HelpScreen" and back == "generate-screen"
+    assert row == ["checkpoint", "tiny", "SD 1.x", model_short_hash(models / "Stable-diffusion" / "tiny.safetensors"),
+                   "tiny-split_einsum-512x512"]
+    assert bundle_row[0] == "Core ML" and bundle_row[2] == "Core ML bundle"
+    assert stages == [("tiny.safetensors", "tiny-split_einsum-512x512", 2)]
+    assert "unet: done (0.2 s)" in log or "unet: done (0.3 s)" in log
+    assert "done in" in log
+
+
+def test_convert_screen_says_when_the_converter_is_missing(tmp_path, models, cache, monkeypatch):
+    monkeypatch.setattr("tui.screens.convert.load_converter", lambda: (None, "No module named 'coremltools'"))
+    app = make_app(tmp_path, models, cache)
+
+    async def body():
+        async with app.run_test(size=SIZE) as pilot:
+            await settle(pilot)
+            await pilot.press("f5")
+            await settle(pilot)
+            return str(app.screen.query_one("#convert-unavailable", Static).content)
+
+    text = asyncio.run(body())
+    assert "not available in this build" in text and "coremltools" in text

@@ -1,0 +1,200 @@
+"""The work behind the screens, as plain functions run in Textual thread workers.
+
+Each takes a ``post`` callable (a widget's thread-safe ``post_message``) and turns every outcome,
+errors included, into a message, so nothing a user does can raise into the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mlsd.errors import InputFileError, MlsdError, UsageError
+from mlsd.paths import ModelsDir
+from tui.messages import Catalog, Conversion, Generation
+from tui.preview import latent_preview
+from tui.settings import FormValues
+
+if TYPE_CHECKING:
+    from mlsd.pipeline.request import GenerationRequest
+
+log = logging.getLogger(__name__)
+Post = Callable[[object], object]
+
+
+@dataclass
+class GenerationJob:
+    form: FormValues
+    models: ModelsDir
+    outputs: Path
+
+
+@dataclass
+class Resolved:
+    request: GenerationRequest
+    model: Path
+    vae: Path | None
+    loras: list
+
+
+_IMPORT_LOCK = threading.Lock()
+_imported = False
+
+
+def warm_imports() -> None:
+    """Import torch, transformers, diffusers and mlsd's pipeline once, one thread at a time.
+
+    transformers' and diffusers' lazy modules fail ("cannot import name ...") when two threads import
+    them at once, and the token counter, the model scan and the generation run in different threads:
+    each worker calls this before touching them.
+    """
+    global _imported
+    with _IMPORT_LOCK:
+        if _imported:
+            return
+        import diffusers
+        from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
+        from diffusers.loaders import single_file_utils  # noqa: F401
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: F401
+
+        import mlsd.backends.torch_backend  # noqa: F401
+        import mlsd.checkpoints.load  # noqa: F401
+        import mlsd.describe  # noqa: F401
+        import mlsd.outputs  # noqa: F401
+        import mlsd.pipeline.generate  # noqa: F401
+        import mlsd.session  # noqa: F401
+        from mlsd.pipeline.samplers import SAMPLERS
+
+        for sampler in SAMPLERS.values():
+            getattr(diffusers, sampler.scheduler)
+        _imported = True
+
+
+def open_image(text: str, label: str):
+    if not text.strip():
+        return None
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(text.strip()).expanduser()
+    if not path.is_file():
+        raise InputFileError(f"{label} not found.", where=path, fix=f"check the {label.lower()} path")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, OSError) as e:
+        raise InputFileError(f"Cannot read the {label.lower()} ({e}).", where=path,
+                             fix="use a PNG, JPEG or WebP file") from e
+
+
+def resolve_job(job: GenerationJob) -> Resolved:
+    """Everything that can be checked before a model loads: names, files, LoRAs, request values."""
+    from mlsd.pipeline.request import GenerationRequest
+    from mlsd.prompts import extract_lora_tags
+    from mlsd.session import resolve_loras
+
+    form, root = job.form, job.models
+    if not form.model:
+        raise UsageError("No model selected.", where="Model",
+                         fix=f"put a checkpoint in {root.folder('checkpoint')} or start with --model PATH")
+    model = root.resolve(form.model, "checkpoint")
+    if model.is_dir() and not (model / "model_index.json").is_file():  # a Core ML bundle
+        raise UsageError("Core ML bundles cannot run in this build yet (the Core ML backend is coming).",
+                         where=model, fix="pick a checkpoint; it runs through PyTorch")
+    vae = root.resolve(form.vae, "vae") if form.vae else None
+    prompt, tags = extract_lora_tags(form.prompt)
+    negative, negative_tags = extract_lora_tags(form.negative_prompt)
+    options = [item.strip() for item in form.loras.split(",") if item.strip()]
+    loras = resolve_loras(root, options, [*tags, *negative_tags])
+    request = GenerationRequest(
+        prompt=prompt, negative_prompt=negative, steps=form.steps, cfg_scale=form.cfg_scale, seed=form.seed,
+        sampler=form.sampler, width=form.width, height=form.height, batch_count=form.batch_count,
+        batch_size=form.batch_size, strength=form.strength,
+        init_image=open_image(form.init_image, "Init image"), mask=open_image(form.mask, "Mask"),
+    )
+    request.validate()
+    if request.mask is not None and request.init_image is not None and request.mask.size != request.init_image.size:
+        raise UsageError(f"Mask size {request.mask.size} differs from the init image size "
+                         f"{request.init_image.size}.", where=form.mask, fix="use a mask of the same size")
+    return Resolved(request, model, vae, loras)
+
+
+def run_generation(job: GenerationJob, cache, post: Post, cancel: threading.Event,
+                   stop_requested: Callable[[], bool] = lambda: False) -> None:
+    """Resolve, load (through the cache), sample with a preview per step, save as `mlsd generate` does."""
+    from mlsd.outputs import ModelStamp, save_result
+    from mlsd.pipeline.generate import generate
+    from mlsd.pipeline.loop import Cancelled
+    from mlsd.pipeline.request import Progress
+    from mlsd.session import ModelKey
+
+    step, total = 0, job.form.steps
+    try:
+        warm_imports()
+        resolved = resolve_job(job)
+        request = resolved.request
+        backend = cache.backend(ModelKey(resolved.model, resolved.vae, tuple(resolved.loras),
+                                         device=job.form.device))
+        result = None
+        for event in generate(backend, request, cancel):
+            if stop_requested():
+                cancel.set()  # the worker was cancelled (app closing, a newer job): stop within a step
+            if isinstance(event, Progress):
+                step, total = event.step, event.total
+                post(Generation.Preview(event.step, event.total, latent_preview(event.latents, request.output_size),
+                                        event.batch, event.batch_count, event.it_per_s))
+            else:
+                result = event
+        stamp = ModelStamp.from_paths(resolved.model, resolved.vae,
+                                      [(c.path, c.unet_weight) for c in resolved.loras])
+        saved = save_result(result, stamp, outputs_root=job.outputs)
+        shown = result.images[0] if len(result.images) == 1 or saved.grid is None else None
+        if shown is None:
+            from PIL import Image
+
+            with Image.open(saved.grid) as grid:
+                shown = grid.copy()
+        post(Generation.Finished(saved.paths, result.seconds, list(result.seeds), shown, saved.grid))
+    except Cancelled:
+        post(Generation.Cancelled(step, total))
+    except Exception as e:  # noqa: BLE001 - a bad file or a bug must reach the user as a message, not end the app
+        if not isinstance(e, MlsdError):
+            log.exception("generation failed")
+        post(Generation.Failed(e))
+
+
+def hash_models(items: list[tuple[Path, str]], post: Post, stop_requested: Callable[[], bool] = lambda: False) -> None:
+    """A1111 short hashes of (path, kind) items, one at a time; mlsd.hashes caches them, so a second visit
+    is instant. LoRAs get the hash A1111 writes into "Lora hashes", the rest the "Model hash"."""
+    from mlsd.hashes import lora_short_hash, model_short_hash
+
+    for path, kind in items:
+        if stop_requested():
+            return
+        try:
+            if path.is_dir():
+                post(Catalog.Hashed(path, "", None))  # a diffusers folder has no single file to hash
+                continue
+            short = lora_short_hash(path) if kind == "lora" else model_short_hash(path)
+            post(Catalog.Hashed(path, short))
+        except Exception as e:  # noqa: BLE001 - an unreadable file gets a note in its row, the rest go on
+            post(Catalog.Hashed(path, None, getattr(e, "what", str(e))))
+
+
+def run_conversion(checkpoint: Path, bundle: Path, options, loras: list, post: Post) -> None:
+    t0 = time.perf_counter()
+    try:
+        warm_imports()
+        from converters.coreml.convert import convert_checkpoint
+
+        out = convert_checkpoint(checkpoint, bundle, options=options, loras=loras,
+                                 on_stage=lambda c, s, sec: post(Conversion.Stage(c, s, sec)))
+        post(Conversion.Done(Path(out), time.perf_counter() - t0))
+    except Exception as e:  # noqa: BLE001 - see run_generation
+        log.exception("conversion failed")
+        post(Conversion.Failed(e))
