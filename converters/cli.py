@@ -29,9 +29,45 @@ def add_parser(sub, common) -> None:
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"])
     p.add_argument("--ema", action="store_true")
     p.add_argument("--resources", action="store_true", help="also compile Resources/*.mlmodelc (macOS only)")
+    p.add_argument("--no-verify", action="store_true", help="skip the numerical check of every package")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     common(p)
     p.set_defaults(func=cmd_convert)
+
+    v = sub.add_parser("verify", help="prove a bundle's packages against the PyTorch source (any OS)")
+    v.add_argument("bundle", help="bundle folder or name in models/Core-ML")
+    v.add_argument("--against", help="source checkpoint (default: the one recorded in mlsd.json)")
+    v.add_argument("--json", action="store_true")
+    common(v)
+    v.set_defaults(func=cmd_verify)
+
+
+def print_checks(checks) -> bool:
+    from converters.coreml.verify import GATE_DB
+
+    for c in checks:
+        status = "ok" if c.passed else "FAIL"
+        note = "" if c.gated else "  (palettized: quality loss vs full precision, not gated)"
+        print(f"  {c.component:<13} {c.output:<18} PSNR {c.psnr:6.1f} dB  max abs {c.max_abs:.2e}  {status}{note}")
+    failed = [c for c in checks if not c.passed]
+    print(f"verification: {len(checks) - len(failed)}/{len(checks)} outputs at or above {GATE_DB:.0f} dB")
+    return not failed
+
+
+def cmd_verify(args) -> int:
+    quiet_coremltools()
+    from converters.coreml.verify import verify_bundle
+    from mlsd.paths import models_dir
+
+    root = models_dir(args.models_dir)
+    bundle = root.resolve(args.bundle, "coreml")
+    against = root.resolve(args.against, "checkpoint") if args.against else None
+    checks = verify_bundle(bundle, against)
+    if args.json:
+        print(json.dumps([c.__dict__ | {"passed": c.passed} for c in checks], indent=2))
+        return 0 if all(c.passed for c in checks) else 1
+    print(bundle)
+    return 0 if print_checks(checks) else 1
 
 
 def parse_sizes(text: str | None, width: int, height: int) -> list[tuple[int, int]]:
@@ -90,9 +126,15 @@ def cmd_convert(args) -> int:
 
     path = convert_checkpoint(checkpoint, bundle, options=options, loras=loras, vae=vae,
                               prediction_type=args.prediction_type, ema=args.ema, on_stage=stage)
+    ok = True
+    if not args.no_verify:
+        from converters.coreml.verify import verify_bundle
+
+        print("[convert] verifying every package against the PyTorch source...", file=sys.stderr)
+        ok = print_checks(verify_bundle(path))
     manifest = json.loads((path / "mlsd.json").read_text())
     if args.json:
         print(json.dumps(manifest, indent=2))
     else:
         print(path)
-    return 0
+    return 0 if ok else 1
