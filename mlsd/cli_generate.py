@@ -205,9 +205,9 @@ def cmd_generate(args) -> int:
     key = ModelKey(model_path, vae_path, tuple(loras), args.prediction_type, args.ema, args.device,
                    args.precision, args.backend, args.compute_unit, request.output_size)
     kind, _, why = choose_backend(key)
-    if not args.json:
-        print(f"backend: {kind} ({why})", file=sys.stderr)
     backend = load_backend(key)
+    if not args.json:  # after loading: a refused file's error stays the first thing on stderr
+        print(f"backend: {kind} ({why})", file=sys.stderr)
     bar = StepBar()
     result = None
     for event in generate(backend, request):
