@@ -263,7 +263,7 @@ def test_demo_builds_the_model_once_and_writes_an_image(tmp_path, monkeypatch, c
 
     monkeypatch.setattr(request_module, "GenerationRequest", small_request)
     models_dir, out_dir = tmp_path / "m", tmp_path / "o"
-    rc, out, err = run_cli(capsys, "demo", "--models-dir", models_dir, "--output-dir", out_dir)
+    rc, out, err = run_cli(capsys, "demo", "--models-dir", models_dir, "--output-dir", out_dir, "--no-coreml")
     assert rc == 0, err
     model = models_dir / "Stable-diffusion" / "mlsd-demo-tiny.safetensors"
     assert model.is_file() and model.with_suffix(".yaml").is_file()
@@ -276,7 +276,7 @@ def test_demo_builds_the_model_once_and_writes_an_image(tmp_path, monkeypatch, c
         raise AssertionError("the demo model was rebuilt")
 
     monkeypatch.setattr(mlsd.demo.tiny, "write_checkpoint", must_not_rebuild)
-    rc, out, err = run_cli(capsys, "demo", "--models-dir", models_dir, "--output-dir", out_dir, "--seed", "3")
+    rc, out, err = run_cli(capsys, "demo", "--models-dir", models_dir, "--output-dir", out_dir, "--seed", "3", "--no-coreml")
     assert rc == 0, err
     assert (model.stat().st_mtime_ns, model.with_suffix(".yaml").stat().st_mtime_ns) == stamp
     assert sorted(p.name for p in out_dir.glob("txt2img-images/*/*.png")) == ["00000-1.png", "00001-3.png"]

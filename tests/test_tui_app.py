@@ -18,6 +18,7 @@ from mlsd.session import ModelCache  # noqa: E402
 from tui.app import create_app  # noqa: E402
 from tui.messages import Generation  # noqa: E402
 from tui.settings import FormValues, SettingsFile  # noqa: E402
+from tui.widgets.params import ParamsForm  # noqa: E402
 from tui.widgets.progress import GenerationProgress  # noqa: E402
 from tui.widgets.prompt import PromptArea  # noqa: E402
 
@@ -218,7 +219,7 @@ MISTAKES = [
     ("init-image", "does-not-exist.png", "Init image not found"),
     ("loras", "no-such-lora:0.8", "No lora named 'no-such-lora'"),
     ("steps", "", "Steps '' is not a whole number"),
-    ("model", "Core-ML/tiny-split_einsum-512x512", "Core ML bundles cannot run in this build yet"),
+    ("model", "Core-ML/tiny-split_einsum-512x512", "Not an mlsd Core ML bundle (no mlsd.json)"),
 ]
 
 
@@ -246,6 +247,74 @@ def test_each_mistake_is_named_in_a_notification(tmp_path, models, cache):
 
     for (note, screen_id), (_, _, expected) in zip(asyncio.run(body()), MISTAKES, strict=True):
         assert expected in note and screen_id == "generate-screen"
+    assert pngs(tmp_path / "outputs") == []
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_bundles) -> Path:
+    return tiny_bundles("sd1-2chunks", chunks=2)  # 64x64, converted from tiny_checkpoints("sd1")
+
+
+def test_a_core_ml_bundle_generates_and_names_its_source_checkpoint(tmp_path, models, bundle):
+    import json
+
+    app = make_app(tmp_path, models, ModelCache(), model=str(bundle), backend="coreml-reference",
+                   prompt="a red fox")
+    seen = []
+
+    async def body():
+        async with app.run_test(size=SIZE, message_hook=seen.append) as pilot:
+            await settle(pilot)
+            assert app.screen.query_one("#model", Select).value == str(bundle)
+            await pilot.press("ctrl+g")
+            await wait_for(pilot, lambda: any(isinstance(m, Generation.Finished | Generation.Failed) for m in seen))
+            await settle(pilot)
+            first = notes(app), app.screen.query_one(GenerationProgress).status
+            app._notifications.clear()
+            # the limits a bundle has reach the user as notifications too
+            app.screen.query_one("#prompt", PromptArea).text = ", ".join(["a very detailed red fox"] * 20)
+            await pilot.press("ctrl+g")
+            await settle(pilot)
+            too_long = notes(app), app.screen.id
+            app._notifications.clear()
+            app.screen.query_one("#prompt", PromptArea).text = "a red fox"
+            app.screen.query_one(ParamsForm).apply(width=128, height=128)
+            await pilot.press("ctrl+g")
+            await settle(pilot)
+            return first, too_long, notes(app)
+
+    (note, status), (too_long, screen_id), wrong_size = asyncio.run(body())
+    failures = [m.error for m in seen if isinstance(m, Generation.Failed)]
+    assert any(isinstance(m, Generation.Finished) for m in seen) and len(failures) == 2, failures
+    [started, *_] = [m for m in seen if isinstance(m, Generation.Started)]
+    assert (started.backend, started.why) == ("coreml-reference", "asked for")
+    assert "coreml-reference: asked for" in note
+    [png] = pngs(tmp_path / "outputs")
+    assert str(png) in status
+    source = json.loads((bundle / "mlsd.json").read_text())["source"]
+    params = GenerationParams.from_infotext(read_image_parameters(png).raw)
+    assert (params.model_name, params.model_hash) == (Path(source["path"]).stem, source["a1111_hash"])
+    assert (params.prompt, params.width, params.height, params.steps) == ("a red fox", 64, 64, 2)
+    assert "75 tokens" in too_long and screen_id == "generate-screen"
+    assert "runs 64x64 images" in wrong_size
+
+
+def test_loras_with_a_bundle_are_refused_in_a_notification(tmp_path, models, bundle):
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"")  # refused before any file is read
+    app = make_app(tmp_path, models, ModelCache(), model=str(bundle), loras=f"{lora}:0.8", prompt="a fox")
+
+    async def body():
+        async with app.run_test(size=SIZE) as pilot:
+            await settle(pilot)
+            await pilot.press("ctrl+g")
+            await settle(pilot)
+            return ([(n.severity, n.message) for n in app._notifications],
+                    app.screen.query_one(GenerationProgress).status, app.screen.id)
+
+    found, status, screen_id = asyncio.run(body())
+    assert [s for s, m in found if "merged into its weights" in m] == ["error"]
+    assert status.startswith("Failed") and screen_id == "generate-screen"
     assert pngs(tmp_path / "outputs") == []
 
 

@@ -25,10 +25,17 @@ def describe_error(error: BaseException) -> tuple[str, str]:
 
 
 class Generation:
-    """From the generation worker: one Preview per step, then exactly one of Finished, Cancelled, Failed.
+    """From the generation worker: Started once the job resolved (Failed instead when it did not), one
+    Preview per step, then exactly one of Finished, Cancelled, Failed.
 
     None bubble: each is meant for the screen whose worker posted it, not for the app above it.
     """
+
+    @dataclass
+    class Started(Message, bubble=False):
+        backend: str  # torch | coreml | coreml-reference
+        why: str
+        model: Path
 
     @dataclass
     class Preview(Message, bubble=False):

@@ -35,7 +35,8 @@ class FormValues:
     batch_size: int = 1
     loras: str = ""  # "name:0.8, other:0.5:1" as --lora takes them, comma separated
     vae: str = ""
-    backend: str = "auto"
+    backend: str = "auto"  # mlsd.session.BACKENDS
+    compute_unit: str = "auto"  # Core ML: auto | ane | gpu | cpu | all
     device: str = "auto"
     init_image: str = ""
     strength: float = 0.75

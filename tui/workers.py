@@ -22,6 +22,7 @@ from tui.settings import FormValues
 
 if TYPE_CHECKING:
     from mlsd.pipeline.request import GenerationRequest
+    from mlsd.session import ModelKey
 
 log = logging.getLogger(__name__)
 Post = Callable[[object], object]
@@ -40,6 +41,9 @@ class Resolved:
     model: Path
     vae: Path | None
     loras: list
+    key: ModelKey
+    backend: str  # what choose_backend picked, and why (shown when the generation starts)
+    why: str
 
 
 _IMPORT_LOCK = threading.Lock()
@@ -62,6 +66,7 @@ def warm_imports() -> None:
         from diffusers.loaders import single_file_utils  # noqa: F401
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: F401
 
+        import mlsd.backends.coreml_backend  # noqa: F401
         import mlsd.backends.torch_backend  # noqa: F401
         import mlsd.checkpoints.load  # noqa: F401
         import mlsd.describe  # noqa: F401
@@ -93,19 +98,22 @@ def open_image(text: str, label: str):
 
 
 def resolve_job(job: GenerationJob) -> Resolved:
-    """Everything that can be checked before a model loads: names, files, LoRAs, request values."""
+    """Everything that can be checked before a model loads: names, files, LoRAs, request values, and which
+    backend runs it (a bundle with LoRAs, or a backend the model cannot use, is refused here)."""
+    from mlsd.backends.coreml_backend import is_bundle
+    from mlsd.cli_generate import resolve_model
     from mlsd.pipeline.request import GenerationRequest
     from mlsd.prompts import extract_lora_tags
-    from mlsd.session import resolve_loras
+    from mlsd.session import ModelKey, choose_backend, resolve_loras
 
     form, root = job.form, job.models
     if not form.model:
         raise UsageError("No model selected.", where="Model",
                          fix=f"put a checkpoint in {root.folder('checkpoint')} or start with --model PATH")
-    model = root.resolve(form.model, "checkpoint")
-    if model.is_dir() and not (model / "model_index.json").is_file():  # a Core ML bundle
-        raise UsageError("Core ML bundles cannot run in this build yet (the Core ML backend is coming).",
-                         where=model, fix="pick a checkpoint; it runs through PyTorch")
+    model = resolve_model(root, form.model)
+    if model.is_dir() and not is_bundle(model) and not (model / "model_index.json").is_file():
+        raise InputFileError("Not an mlsd Core ML bundle (no mlsd.json), nor a diffusers folder.", where=model,
+                             fix="convert a checkpoint to a bundle (F5), or pick a checkpoint")
     vae = root.resolve(form.vae, "vae") if form.vae else None
     prompt, tags = extract_lora_tags(form.prompt)
     negative, negative_tags = extract_lora_tags(form.negative_prompt)
@@ -121,25 +129,28 @@ def resolve_job(job: GenerationJob) -> Resolved:
     if request.mask is not None and request.init_image is not None and request.mask.size != request.init_image.size:
         raise UsageError(f"Mask size {request.mask.size} differs from the init image size "
                          f"{request.init_image.size}.", where=form.mask, fix="use a mask of the same size")
-    return Resolved(request, model, vae, loras)
+    key = ModelKey(model, vae, tuple(loras), device=form.device, backend=form.backend or "auto",
+                   compute_unit=form.compute_unit or "auto", size=request.output_size)
+    backend, _, why = choose_backend(key)
+    return Resolved(request, model, vae, loras, key, backend, why)
 
 
 def run_generation(job: GenerationJob, cache, post: Post, cancel: threading.Event,
                    stop_requested: Callable[[], bool] = lambda: False) -> None:
     """Resolve, load (through the cache), sample with a preview per step, save as `mlsd generate` does."""
-    from mlsd.outputs import ModelStamp, save_result
+    from mlsd.cli_generate import model_stamp
+    from mlsd.outputs import save_result
     from mlsd.pipeline.generate import generate
     from mlsd.pipeline.loop import Cancelled
     from mlsd.pipeline.request import Progress
-    from mlsd.session import ModelKey
 
     step, total = 0, job.form.steps
     try:
         warm_imports()
         resolved = resolve_job(job)
         request = resolved.request
-        backend = cache.backend(ModelKey(resolved.model, resolved.vae, tuple(resolved.loras),
-                                         device=job.form.device))
+        post(Generation.Started(resolved.backend, resolved.why, resolved.model))
+        backend = cache.backend(resolved.key)
         result = None
         for event in generate(backend, request, cancel):
             if stop_requested():
@@ -150,8 +161,7 @@ def run_generation(job: GenerationJob, cache, post: Post, cancel: threading.Even
                                         event.batch, event.batch_count, event.it_per_s))
             else:
                 result = event
-        stamp = ModelStamp.from_paths(resolved.model, resolved.vae,
-                                      [(c.path, c.unet_weight) for c in resolved.loras])
+        stamp = model_stamp(resolved.model, resolved.vae, resolved.loras)  # a bundle names its source checkpoint
         saved = save_result(result, stamp, outputs_root=job.outputs)
         shown = result.images[0] if len(result.images) == 1 or saved.grid is None else None
         if shown is None:

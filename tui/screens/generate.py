@@ -117,6 +117,13 @@ class GenerateScreen(Screen):
     def on_catalog_scanned(self, message: Catalog.Scanned) -> None:
         self.query_one(ParamsForm).set_models(message.entries)
 
+    def on_generation_started(self, message: Generation.Started) -> None:
+        progress = self.query_one(GenerationProgress)
+        progress.backend = message.backend
+        progress.set_status(f"Loading {message.model.name} on {message.backend} ({message.why})...")
+        if (message.model / "mlsd.json").is_file():  # a bundle: where it runs is a choice worth saying
+            self.notify(f"{message.backend}: {message.why}", title="Core ML bundle", timeout=6, markup=False)
+
     def on_generation_preview(self, message: Generation.Preview) -> None:
         self.query_one(ImageView).show(message.image, f"preview · step {message.step}/{message.total}")
         self.query_one(GenerationProgress).step(message.step, message.total, message.it_per_s, message.eta,

@@ -11,12 +11,14 @@ from textual.widgets import Button, Input, Label, Select, Static
 
 from mlsd.errors import UsageError
 from mlsd.pipeline.samplers import sampler_names
+from mlsd.session import BACKENDS
 from tui.catalog import ModelEntry
 from tui.settings import FormValues
 
 MAX_SEED = 2**32 - 1  # mlsd.pipeline.generate.MAX_SEED; importing that module would load torch at startup
 SIZE_PRESETS = ("512x512", "512x768", "768x512", "768x768", "640x640", "1024x1024", "256x256", "64x64")
-BACKENDS = ("auto", "torch")
+# mlsd.backends.coreml_backend.COMPUTE_UNITS; importing that module would load torch at startup
+COMPUTE_UNITS = ("auto", "ane", "gpu", "cpu", "all")
 DEVICES = ("auto", "cuda", "mps", "cpu")
 # Input id -> (FormValues field, label shown in errors, parser)
 NUMBERS = {
@@ -78,7 +80,12 @@ class ParamsForm(VerticalScroll):
                                  compact=True, value=v.vae if v.vae in vae_names else ""))
         yield Static("Device", classes="section")
         yield _row("Backend", Select(_options(BACKENDS), allow_blank=False, id="backend", compact=True,
-                                     value=v.backend if v.backend in BACKENDS else "auto"))
+                                     value=v.backend if v.backend in BACKENDS else "auto",
+                                     tooltip="auto: a Core ML bundle runs on Core ML on macOS, elsewhere on its "
+                                             "source checkpoint (or the reference executor)"))
+        yield _row("Compute", Select(_options(COMPUTE_UNITS), allow_blank=False, id="compute-unit",
+                                          compact=True, tooltip="Core ML only: where a bundle runs",
+                                          value=v.compute_unit if v.compute_unit in COMPUTE_UNITS else "auto"))
         yield _row("Device", Select(_options(DEVICES), allow_blank=False, id="device", compact=True,
                                     value=v.device if v.device in DEVICES else "auto"))
         yield Static("img2img / inpaint", classes="section")
@@ -108,7 +115,7 @@ class ParamsForm(VerticalScroll):
         for widget_id, attr in TEXTS.items():
             setattr(out, attr, self.query_one(f"#{widget_id}", Input).value.strip())
         for widget_id, attr in (("model", "model"), ("sampler", "sampler"), ("vae", "vae"),
-                                ("backend", "backend"), ("device", "device")):
+                                ("backend", "backend"), ("compute-unit", "compute_unit"), ("device", "device")):
             value = self.query_one(f"#{widget_id}", Select).value
             setattr(out, attr, "" if value is Select.NULL else str(value))
         return out
@@ -123,7 +130,7 @@ class ParamsForm(VerticalScroll):
             if values.get(attr) is not None:
                 self.query_one(f"#{widget_id}", Input).value = str(values[attr])
         for widget_id, attr in (("model", "model"), ("sampler", "sampler"), ("vae", "vae"),
-                                ("backend", "backend"), ("device", "device")):
+                                ("backend", "backend"), ("compute-unit", "compute_unit"), ("device", "device")):
             value = values.get(attr)
             if value is not None and value in self._choices(widget_id):
                 self.query_one(f"#{widget_id}", Select).value = value
@@ -131,7 +138,7 @@ class ParamsForm(VerticalScroll):
     def _choices(self, widget_id: str) -> set[str]:
         return {"model": {str(e.path) for e in self._entries}, "sampler": set(sampler_names()),
                 "vae": {"", *(p.name for p in self._vaes)}, "backend": set(BACKENDS),
-                "device": set(DEVICES)}[widget_id]
+                "compute-unit": set(COMPUTE_UNITS), "device": set(DEVICES)}[widget_id]
 
     def set_models(self, entries: list[ModelEntry]) -> None:
         """New labels (family badges arrive after a background scan); the selection stays."""

@@ -13,6 +13,8 @@ def format_seconds(seconds: float) -> str:
 
 
 class GenerationProgress(Vertical):
+    backend: str = ""  # shown while sampling: "Sampling on coreml-reference..."
+
     def compose(self) -> ComposeResult:
         with Horizontal(id="progress-row"):
             # A known total from the start: an indeterminate bar animates, and the bar's own ETA guesses
@@ -35,6 +37,7 @@ class GenerationProgress(Vertical):
     def start(self, total: int, text: str = "Loading model...") -> None:
         self.query_one(ProgressBar).update(total=max(total, 1), progress=0)
         self.query_one("#progress-steps", Label).update("")
+        self.backend = ""
         self.set_status(text)
 
     def step(self, step: int, total: int, it_per_s: float, eta: float | None, batch: int = 0,
@@ -46,7 +49,8 @@ class GenerationProgress(Vertical):
         if eta is not None:
             parts.append(f"ETA {format_seconds(eta)}")
         self.query_one("#progress-steps", Label).update(" · ".join(parts))
-        self.set_status("Sampling... (escape cancels)")
+        on = f" on {self.backend}" if self.backend else ""
+        self.set_status(f"Sampling{on}... (escape cancels)")
 
     def finish(self, text: str, complete: bool = True) -> None:
         bar = self.query_one(ProgressBar)
