@@ -16,6 +16,7 @@ from mlsd.pipeline.generate import encode_prompt_pair, generate, run
 from mlsd.pipeline.images import outpaint_canvas, resize_image
 from mlsd.pipeline.loop import Cancelled
 from mlsd.pipeline.request import GenerationRequest, GenerationResult, Progress
+from mlsd.pipeline.samplers import sampler_names
 from mlsd.session import LoraChoice, ModelKey, load_backend
 from tests.generation_helpers import GATE_DB, psnr, reference
 from tests.lora_fixtures import hooked, kohya_stem, lora_piece, write_lora
@@ -44,7 +45,10 @@ def _te_name(te, name: str) -> str:
         return name.removeprefix("text_model.")
 
 
-def test_lora_generation_matches_an_independent_hooked_reference(sd1, tmp_path):
+@pytest.fixture(scope="module")
+def lora_setup(sd1, tmp_path_factory):
+    """A kohya LoRA on UNet convs/attention and two text-encoder layers, its merged backend, and the
+    unmerged model with the same LoRA as forward hooks (A1111's functional mode): the independent reference."""
     path, plain = sd1
     base = load_model(path)
     g = torch.Generator().manual_seed(3)
@@ -62,19 +66,27 @@ def test_lora_generation_matches_an_independent_hooked_reference(sd1, tmp_path):
         piece = lora_piece(base.text_encoder.get_submodule(_te_name(base.text_encoder, name)), g, rank=4, alpha=1.0)
         entries[kohya_stem("lora_te_", name)] = piece
         te_hooks.append((_te_name(base.text_encoder, name), piece.delta, 0.5))
-    lora = write_lora(tmp_path / "style.safetensors", entries)
-
+    lora = write_lora(tmp_path_factory.mktemp("lora") / "style.safetensors", entries)
     merged = load_backend(ModelKey(path, loras=(LoraChoice(lora, unet_weight=0.8, te_weight=0.5),), device="cpu"))
-    ours = run(merged, _request()).images[0]
+    return path, plain, merged, base, unet_hooks, te_hooks, lora
+
+
+@pytest.mark.parametrize("sampler", sampler_names())
+def test_lora_generation_matches_an_independent_hooked_reference(lora_setup, sampler):
+    _, plain, merged, base, unet_hooks, te_hooks, _ = lora_setup
+    ours = run(merged, _request(sampler=sampler)).images[0]
     with hooked(base.unet, unet_hooks), hooked(base.text_encoder, te_hooks):
-        ref = reference("txt2img", base, "Euler a", 77, prompt="a red circle", negative_prompt="blue",
+        ref = reference("txt2img", base, sampler, 77, prompt="a red circle", negative_prompt="blue",
                         num_inference_steps=3, guidance_scale=7.0, width=SIZE, height=SIZE)[0]
     assert psnr(ours, ref) >= GATE_DB
-    without = run(plain, _request()).images[0]
+    without = run(plain, _request(sampler=sampler)).images[0]
     assert psnr(without, ref) < GATE_DB - 10  # the LoRA visibly changes the image
 
+
+def test_lora_weight_zero_equals_the_base_model(lora_setup):
+    path, plain, _, _, _, _, lora = lora_setup
     zero = load_backend(ModelKey(path, loras=(LoraChoice(lora, 0.0, 0.0),), device="cpu"))
-    assert psnr(run(zero, _request()).images[0], without) == 100.0
+    assert psnr(run(zero, _request()).images[0], run(plain, _request()).images[0]) == 100.0
 
 
 def test_cancel_stops_within_one_step(sd1):

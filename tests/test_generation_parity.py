@@ -131,7 +131,7 @@ def test_cfg_one_skips_guidance_like_diffusers(sd1):
     assert psnr(ours, ref) >= GATE_DB
 
 
-@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M Karras", "DDIM"])
+@pytest.mark.parametrize("sampler", sampler_names())
 def test_img2img_matches_diffusers(sd1, sampler):
     model, backend = sd1
     init = _init_image()
@@ -144,17 +144,18 @@ def test_img2img_matches_diffusers(sd1, sampler):
     assert psnr(other, ref) < psnr(ours, ref) - 15
 
 
-@pytest.mark.parametrize("strength", [1.0, 0.7])
-def test_inpaint_with_ordinary_checkpoint_matches_diffusers(sd1, strength):
+@pytest.mark.parametrize("strength,sampler", [(1.0, "Euler a"), (0.7, "Euler a")]
+                         + [(0.8, s) for s in sampler_names() if s != "Euler a"])
+def test_inpaint_with_ordinary_checkpoint_matches_diffusers(sd1, strength, sampler):
     model, backend = sd1
     init, mask = _init_image(), _mask()
-    ours = run(backend, _request(sampler="Euler a", init_image=init, mask=mask, strength=strength)).images[0]
-    ref = reference("inpaint", model, "Euler a", 1234, prompt="a red circle on a blue background",
+    ours = run(backend, _request(sampler=sampler, init_image=init, mask=mask, strength=strength)).images[0]
+    ref = reference("inpaint", model, sampler, 1234, prompt="a red circle on a blue background",
                     negative_prompt="green", image=init, mask_image=mask, strength=strength,
                     num_inference_steps=STEPS, guidance_scale=7.0, width=SIZE, height=SIZE)[0]
     ref = _overlay(ref, init, mask)
     assert psnr(ours, ref) >= GATE_DB
-    other = run(backend, _request(sampler="Euler a", init_image=init, mask=mask, strength=strength,
+    other = run(backend, _request(sampler=sampler, init_image=init, mask=mask, strength=strength,
                                   seed=7)).images[0]
     assert psnr(other, ref) < psnr(ours, ref) - 15
 
