@@ -128,19 +128,9 @@ def build_request(args):
 
 
 def _open_image(path: Path | None, option: str):
-    if path is None:
-        return None
-    from PIL import Image, UnidentifiedImageError
+    from mlsd.pipeline.images import open_image
 
-    if not path.is_file():
-        raise InputFileError("Image not found.", where=path, fix=f"check the {option} path")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except (UnidentifiedImageError, OSError) as e:
-        raise InputFileError(f"Cannot read the image ({e}).", where=path,
-                             fix="use a PNG, JPEG or WebP file") from e
+    return None if path is None else open_image(path, "image", option)
 
 
 def _outpaint(text: str | None):

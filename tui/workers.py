@@ -81,20 +81,12 @@ def warm_imports() -> None:
 
 
 def open_image(text: str, label: str):
+    """A form field's path -> image; blank means none."""
     if not text.strip():
         return None
-    from PIL import Image, UnidentifiedImageError
+    from mlsd.pipeline.images import open_image as read
 
-    path = Path(text.strip()).expanduser()
-    if not path.is_file():
-        raise InputFileError(f"{label} not found.", where=path, fix=f"check the {label.lower()} path")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except (UnidentifiedImageError, OSError) as e:
-        raise InputFileError(f"Cannot read the {label.lower()} ({e}).", where=path,
-                             fix="use a PNG, JPEG or WebP file") from e
+    return read(text.strip(), label.lower(), label.lower())
 
 
 def resolve_job(job: GenerationJob) -> Resolved:

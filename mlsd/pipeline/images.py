@@ -36,6 +36,25 @@ def _edge_fill(arr: np.ndarray, left: int, top: int, w: int, h: int) -> np.ndarr
     return np.pad(inner, pad, mode="edge")
 
 
+def open_image(path, what: str = "image", option: str = "image") -> Image.Image:
+    """Read an init image or mask fully into memory, with one clear error for a missing or broken file."""
+    from pathlib import Path
+
+    from PIL import UnidentifiedImageError
+
+    from mlsd.errors import InputFileError
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InputFileError(f"{what.capitalize()} not found.", where=path, fix=f"check the {option} path")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, OSError) as e:
+        raise InputFileError(f"Cannot read the {what} ({e}).", where=path, fix="use a PNG, JPEG or WebP file") from e
+
+
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL RGB -> (1, 3, H, W) float32 in [-1, 1]."""
     arr = np.asarray(image.convert("RGB")).astype(np.float32) / 255.0
