@@ -28,6 +28,10 @@ def cmd_demo(args) -> int:
     from mlsd.pipeline.request import GenerationRequest
     from mlsd.session import ModelKey, load_backend
 
+    if not args.no_coreml:
+        from converters.cli import quiet_coremltools
+
+        quiet_coremltools()  # before diffusers imports tqdm: its switch is read at import time
     root = models_dir(args.models_dir)
     t0 = time.perf_counter()
     path = ensure_demo_model(root.root)
