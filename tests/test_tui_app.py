@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import time
 from pathlib import Path
@@ -11,11 +12,12 @@ import pytest
 
 pytest.importorskip("textual")
 
-from textual.widgets import DataTable, Input, Log, Select, Static  # noqa: E402
+from textual.widgets import DataTable, Input, Select, Static  # noqa: E402
 
 from mlsd.infotext import GenerationParams, png_pnginfo, read_image_parameters  # noqa: E402
 from mlsd.session import ModelCache  # noqa: E402
 from tui.app import create_app  # noqa: E402
+from tui.flags import GENERATE_FIELDS  # noqa: E402
 from tui.messages import Generation  # noqa: E402
 from tui.settings import FormValues, SettingsFile  # noqa: E402
 from tui.widgets.params import ParamsForm  # noqa: E402
@@ -219,7 +221,10 @@ MISTAKES = [
     ("init-image", "does-not-exist.png", "Init image not found"),
     ("loras", "no-such-lora:0.8", "No lora named 'no-such-lora'"),
     ("steps", "", "Steps '' is not a whole number"),
-    ("model", "Core-ML/tiny-split_einsum-512x512", "Not an mlsd Core ML bundle (no mlsd.json)"),
+    # mlsd says "use --backend torch" to the CLI; the TUI names its form field
+    ("backend", "coreml", "Backend coreml needs a Core ML bundle"),
+    ("clip-skip", "0", "clip skip 0 < 1"),
+    ("model", "Core-ML/tiny-split_einsum-512x512", "Not an mlsd Core ML bundle (no mlsd.json)"),  # keep last
 ]
 
 
@@ -234,6 +239,8 @@ def test_each_mistake_is_named_in_a_notification(tmp_path, models, cache):
             for field, value, _ in MISTAKES:
                 if field == "model":
                     screen.query_one("#model", Select).value = str(models / value)
+                elif field == "backend":
+                    screen.query_one("#backend", Select).value = value
                 else:
                     widget = screen.query_one(f"#{field}", Input)
                     before, widget.value = widget.value, value
@@ -241,12 +248,22 @@ def test_each_mistake_is_named_in_a_notification(tmp_path, models, cache):
                 await settle(pilot)
                 found.append((notes(app), app.screen.id))
                 app._notifications.clear()
-                if field != "model":
+                if field == "backend":
+                    screen.query_one("#backend", Select).value = "auto"
+                elif field != "model":
                     widget.value = before
         return found
 
-    for (note, screen_id), (_, _, expected) in zip(asyncio.run(body()), MISTAKES, strict=True):
+    found = asyncio.run(body())
+    for (note, screen_id), (_, _, expected) in zip(found, MISTAKES, strict=True):
         assert expected in note and screen_id == "generate-screen"
+        # no flag of `mlsd generate`: the advice names the form's fields (--models-dir is `mlsd tui`'s own)
+        assert not [p for f in GENERATE_FIELDS for p in f.split("/") if re.search(rf"{p}(?![\w-])", note)], note
+    by_field = {field: note for (note, _), (field, _, _) in zip(found, MISTAKES, strict=True)}
+    backend_note = by_field["backend"]
+    assert "where: Backend field" not in backend_note  # this one names the file it is about
+    assert "set the Backend field to torch" in backend_note and "(Convert screen, F5)" in backend_note
+    assert "where: Clip skip field" in by_field["clip-skip"]
     assert pngs(tmp_path / "outputs") == []
 
 
@@ -299,6 +316,58 @@ def test_a_core_ml_bundle_generates_and_names_its_source_checkpoint(tmp_path, mo
     assert "runs 64x64 images" in wrong_size
 
 
+def test_reuse_restores_the_bundle_backend_and_compute_unit_it_ran_on(tmp_path, models, bundle):
+    from PIL import Image
+
+    app = make_app(tmp_path, models, ModelCache(), model=str(bundle), backend="coreml-reference",
+                   compute_unit="cpu", device="cpu", prompt="a red fox", seed=77)
+    seen = []
+    checkpoint = str(models / "Stable-diffusion" / "tiny.safetensors")
+
+    def form_of(screen) -> dict:
+        values = screen.query_one(ParamsForm).values()
+        return {k: getattr(values, k) for k in ("model", "backend", "compute_unit", "device", "seed", "clip_skip")}
+
+    async def body():
+        async with app.run_test(size=SIZE, message_hook=seen.append) as pilot:
+            await settle(pilot)
+            await pilot.press("ctrl+g")
+            await wait_for(pilot, lambda: any(isinstance(m, Generation.Finished | Generation.Failed) for m in seen))
+            await settle(pilot)
+            [png] = pngs(tmp_path / "outputs")
+            changed = dict(backend="torch", compute_unit="all", device="auto", model=checkpoint, seed=5, clip_skip=2)
+            app.screen.query_one(ParamsForm).apply(**changed)
+            await pilot.press("f3")
+            await settle(pilot)
+            shown = str(app.screen.query_one("#gallery-params", Static).content)
+            await pilot.press("r")
+            await settle(pilot)
+            restored, note = form_of(app.screen), notes(app)
+            app._notifications.clear()
+            # Negative control: the same file name now holds another image (other parameters): its record
+            # must not apply, so backend and compute unit stay as the form has them.
+            text = read_image_parameters(png).raw.replace("Seed: 77", "Seed: 78")
+            Image.new("RGB", (64, 64), "red").save(png, pnginfo=png_pnginfo(text))
+            app.screen.query_one(ParamsForm).apply(**changed)
+            await pilot.press("f3")
+            await settle(pilot)
+            await pilot.press("r")
+            await settle(pilot)
+            return png, shown, restored, note, form_of(app.screen), notes(app)
+
+    png, shown, restored, note, unrecorded, other_note = asyncio.run(body())
+    assert not [m for m in seen if isinstance(m, Generation.Failed)]
+    params = GenerationParams.from_infotext(read_image_parameters(png).raw)
+    assert params.model_name != bundle.name  # the PNG names the source checkpoint, as `mlsd generate` writes it
+    assert "backend coreml-reference, compute unit cpu" in shown
+    assert restored == {"model": str(bundle), "backend": "coreml-reference", "compute_unit": "cpu", "device": "cpu",
+                        "seed": 77, "clip_skip": 1}
+    assert "not in the image" not in note
+    assert unrecorded == {"model": checkpoint, "backend": "torch", "compute_unit": "all", "device": "auto",
+                          "seed": 78, "clip_skip": 1}
+    assert "Backend, compute unit and device are not in the image" in other_note
+
+
 def test_loras_with_a_bundle_are_refused_in_a_notification(tmp_path, models, bundle):
     lora = tmp_path / "style.safetensors"
     lora.write_bytes(b"")  # refused before any file is read
@@ -342,20 +411,10 @@ def test_token_counter_follows_typing_in_75_token_chunks(tmp_path, models, cache
     assert asyncio.run(body()) == ["0/75", "3/75", "83/150"]
 
 
-def test_help_models_and_convert_screens(tmp_path, models, cache, monkeypatch):
+def test_help_and_models_screens(tmp_path, models, cache):
     from mlsd.hashes import model_short_hash
 
     app = make_app(tmp_path, models, cache)
-    stages = []
-
-    def fake_convert(checkpoint, bundle, *, options, loras=(), on_stage=None, **kw):
-        for component in ("text_encoder", "unet"):
-            on_stage(component, "start", 0.0)
-            on_stage(component, "done", 0.25)
-        stages.append((checkpoint.name, bundle.name, options.chunks))
-        return bundle
-
-    monkeypatch.setattr("converters.coreml.convert.convert_checkpoint", fake_convert)
 
     async def body():
         async with app.run_test(size=SIZE) as pilot:
@@ -369,23 +428,13 @@ def test_help_models_and_convert_screens(tmp_path, models, cache, monkeypatch):
             table = app.screen.query_one(DataTable)
             row = [str(c) for c in table.get_row(str(models / "Stable-diffusion" / "tiny.safetensors"))]
             bundle_row = [str(c) for c in table.get_row(str(models / "Core-ML" / "tiny-split_einsum-512x512"))]
-            await pilot.press("f5")
-            await settle(pilot)
-            app.screen.query_one("#convert-model", Select).value = str(models / "Stable-diffusion" /
-                                                                       "tiny.safetensors")
-            await pilot.press("ctrl+g")
-            await settle(pilot)
-            log = "\n".join(app.screen.query_one(Log).lines)
-            return help_text, back, row, bundle_row, log
+            return help_text, back, row, bundle_row
 
-    help_name, back, row, bundle_row, log = asyncio.run(body())
+    help_name, back, row, bundle_row = asyncio.run(body())
     assert help_name == "HelpScreen" and back == "generate-screen"
     assert row == ["checkpoint", "tiny", "SD 1.x", model_short_hash(models / "Stable-diffusion" / "tiny.safetensors"),
                    "tiny-split_einsum-512x512"]
     assert bundle_row[0] == "Core ML" and bundle_row[2] == "Core ML bundle"
-    assert stages == [("tiny.safetensors", "tiny-split_einsum-512x512", 2)]
-    assert "unet: done (0.2 s)" in log or "unet: done (0.3 s)" in log
-    assert "done in" in log
 
 
 def test_convert_screen_says_when_the_converter_is_missing(tmp_path, models, cache, monkeypatch):

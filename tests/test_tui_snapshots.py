@@ -91,3 +91,7 @@ def test_models_screen(snap_compare):
 
 def test_help_screen(snap_compare):
     assert snap_compare(_app(), terminal_size=SIZE, run_before=_go("f1"))
+
+
+def test_convert_screen(snap_compare):
+    assert snap_compare(_app(), terminal_size=SIZE, run_before=_go("f5"))

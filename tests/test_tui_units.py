@@ -111,6 +111,68 @@ def test_max_seed_matches_the_pipeline():
     assert params.MAX_SEED == MAX_SEED
 
 
+# ---- mlsd's CLI advice in the form's words -------------------------------------------------------
+
+FLAG_CASES = [
+    # (core text, screen, what the TUI shows)
+    ("convert it first (mlsd convert), or use --backend torch", "generate",
+     "convert it first (Convert screen, F5), or set the Backend field to torch"),
+    ("--backend coreml needs macOS (Core ML cannot run on this OS).", "generate",
+     "Backend coreml needs macOS (Core ML cannot run on this OS)."),
+    ("raise --strength or --steps", "generate", "raise the Strength field or the Steps field"),
+    ("pass --init-image", "generate", "fill in the Init image field"),
+    ("pass --model NAME|PATH (see `mlsd models`)", "generate", "fill in the Model field (see the Models screen, F4)"),
+    ("set the root with --models-dir or MLSD_MODELS_DIR", "generate",
+     "set the root with --models-dir or MLSD_MODELS_DIR"),  # a flag `mlsd tui` has too: kept
+    ("--chunks 9 is outside 1-8.", "convert", "UNet chunks 9 is outside 1-8."),
+    ("add --min-target macOS15, or one size", "convert", "set the Target field to macOS15, or one size"),
+    ("--width/--height 100 is not a multiple of 64", "generate", "the Width/Height field 100 is not a multiple of 64"),
+]
+
+
+@pytest.mark.parametrize(("text", "screen", "shown"), FLAG_CASES)
+def test_cli_flags_in_errors_read_as_form_fields(text, screen, shown):
+    from tui.flags import CONVERT_FIELDS, GENERATE_FIELDS, in_form_terms
+
+    assert in_form_terms(text, GENERATE_FIELDS if screen == "generate" else CONVERT_FIELDS) == shown
+
+
+def test_an_error_is_rewritten_for_the_tui_and_left_alone_for_the_cli():
+    from mlsd.errors import UsageError
+    from tui.flags import GENERATE_FIELDS
+    from tui.messages import describe_error
+
+    error = UsageError("--backend coreml needs macOS.", where="--backend", fix="use --backend coreml-reference")
+    title, text = describe_error(error, GENERATE_FIELDS)
+    assert title == "Invalid option"
+    assert text == ("Backend coreml needs macOS.\n  where: Backend field\n"
+                    "  fix:   set the Backend field to coreml-reference")
+    assert describe_error(error)[1] == error.render() and "--backend coreml-reference" in error.render()
+
+
+# ---- what the TUI records beside the PNGs it writes -----------------------------------------------
+
+
+def test_history_applies_only_to_the_image_it_was_recorded_for(tmp_path, monkeypatch):
+    from tui import history as history_module
+    from tui.history import History
+
+    history = History(tmp_path / "cfg" / "tui-history.json")
+    form = FormValues(model="/m/bundle", backend="coreml-reference", compute_unit="cpu", device="cpu", seed=5)
+    history.record([(tmp_path / "a.png", "a fox\nSeed: 5"), (tmp_path / "b.png", "an owl\nSeed: 6")], form)
+    found = history.lookup(tmp_path / "a.png", "a fox\nSeed: 5")
+    assert found["backend"] == "coreml-reference" and found["compute_unit"] == "cpu" and found["model"] == "/m/bundle"
+    assert "seed" not in found  # the PNG says that itself
+    assert history.lookup(tmp_path / "a.png", "a fox\nSeed: 6") is None  # same name, another image
+    assert history.lookup(tmp_path / "c.png", "a fox\nSeed: 5") is None
+    monkeypatch.setattr(history_module, "MAX_RECORDS", 2)
+    history.record([(tmp_path / "c.png", "c")], form)  # the oldest record goes
+    assert history.lookup(tmp_path / "a.png", "a fox\nSeed: 5") is None
+    assert history.lookup(tmp_path / "c.png", "c") is not None
+    (tmp_path / "cfg" / "tui-history.json").write_text("{not json", encoding="utf-8")
+    assert history.lookup(tmp_path / "c.png", "c") is None  # a damaged file means no record, never an error
+
+
 # ---- textual-image renderers (Pilot has no TTY, so the app itself falls back to text) --------------
 
 

@@ -14,6 +14,9 @@ from mlsd import paths
 from mlsd.errors import MlsdError
 from mlsd.paths import ModelsDir
 from mlsd.session import ModelCache
+from tui.catalog import ModelEntry, list_models, scan
+from tui.history import History
+from tui.messages import Catalog
 from tui.screens.convert import ConvertScreen
 from tui.screens.gallery import GalleryScreen
 from tui.screens.generate import GenerateScreen
@@ -48,12 +51,40 @@ class MlsdApp(App):
         self.cache = cache or ModelCache()  # one loaded model is kept between generations
         self.notes = notes or []
         self._remember_models_dir = remember_models_dir
+        self.history = History(settings.path.with_name("tui-history.json"))
+        # --model may name a file outside the models directory: it is listed too, so it can be selected.
+        self.extra_models = [Path(initial_form.model)] if initial_form.model else []
+        self.catalog: list[ModelEntry] = _listing(models, self.extra_models)  # names now, families later
+        self.catalog_version = 0
 
     def on_mount(self) -> None:
         self.push_screen("generate")
         for title, text in self.notes:
             self.notify(text, title=title, severity="warning", timeout=12, markup=False)
         self._warm_up()
+        self._scan_catalog()
+
+    def refresh_catalog(self) -> None:
+        """Read the models directory again (after a conversion, say) and describe each model in the
+        background; the screens pick the new list up as it arrives and whenever they are shown."""
+        self.catalog = _listing(self.models, self.extra_models)
+        self.catalog_version += 1
+        self._tell_screens()
+        self._scan_catalog()
+
+    @work(thread=True, exclusive=True, group="catalog", exit_on_error=False)
+    def _scan_catalog(self) -> None:
+        self.post_message(Catalog.Scanned(scan(self.models, self.extra_models)))
+
+    def on_catalog_scanned(self, message: Catalog.Scanned) -> None:
+        self.catalog = message.entries
+        self.catalog_version += 1
+        self._tell_screens()
+
+    def _tell_screens(self) -> None:
+        for screen in self.screen_stack:
+            if hasattr(screen, "catalog_changed") and screen.is_mounted:
+                screen.catalog_changed()
 
     @work(thread=True, group="warm-up", exit_on_error=False)
     def _warm_up(self) -> None:
@@ -79,12 +110,18 @@ class MlsdApp(App):
         else:
             await self.push_screen(HelpScreen())
 
-    def reuse(self, params) -> None:
-        """Gallery -> Generate: fill the form from an image's parameters and show it."""
+    def reuse(self, params, recorded: dict | None = None) -> None:
+        """Gallery -> Generate: fill the form from an image's parameters (and what the TUI recorded when it
+        made the image: backend, compute unit, bundle...) and show it."""
         screen = self.get_screen("generate")
-        screen.reuse(params)
+        skipped = screen.reuse(params, recorded)
         self.switch_screen("generate")
-        self.notify("Parameters from the image are in the form; ctrl+g makes it again.", timeout=4)
+        text = "Parameters from the image are in the form; ctrl+g makes it again."
+        if recorded is None:
+            text += " Backend, compute unit and device are not in the image (made outside this TUI): unchanged."
+        if skipped:
+            text += f" Not found here, left as they were: {', '.join(skipped)}."
+        self.notify(text, timeout=8, markup=False)
 
     def current_model(self) -> str:
         """The model picked on the generate screen right now (the convert screen starts from it)."""
@@ -103,6 +140,13 @@ class MlsdApp(App):
         except OSError as e:
             self.notify(f"Could not save settings to {self.settings.path}: {e}", title="Settings not saved",
                         severity="warning", markup=False)
+
+
+def _listing(models: ModelsDir, extra: list[Path]) -> list[ModelEntry]:
+    try:
+        return list_models(models, extra)
+    except OSError:  # an unreadable folder lists as empty; the models screen says where it looked
+        return []
 
 
 def _models_root(option: str | Path | None, settings: SettingsFile) -> tuple[ModelsDir, bool]:

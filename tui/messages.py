@@ -10,13 +10,14 @@ from PIL import Image
 from textual.message import Message
 
 from mlsd.errors import MlsdError
+from tui.flags import render_for_form
 
 
-def describe_error(error: BaseException) -> tuple[str, str]:
+def describe_error(error: BaseException, fields: dict | None = None) -> tuple[str, str]:
     """(title, text) for a notification: mlsd's what/where/fix, or, for a bug, the exception and where it
-    was raised (enough for a bug report)."""
+    was raised (enough for a bug report). ``fields``: the screen's flag -> form field names (tui.flags)."""
     if isinstance(error, MlsdError):
-        return error.title, error.render()
+        return error.title, render_for_form(error, fields) if fields else error.render()
     text = f"{type(error).__name__}: {error}"
     frames = traceback.extract_tb(error.__traceback__)
     if frames:
@@ -90,16 +91,30 @@ class Catalog:
 
 
 class Conversion:
+    """From the conversion worker: Stage messages as each part starts and ends ("load" for reading the
+    checkpoint, the converter's components, then "verify"), then exactly one of Done, Cancelled, Failed."""
+
     @dataclass
     class Stage(Message, bubble=False):
-        component: str
+        component: str  # "load" | text_encoder | unet | vae_decoder | vae_encoder | "verify"
         state: str  # "start" | "done" | "reused"
         seconds: float
 
     @dataclass
     class Done(Message, bubble=False):
         bundle: Path
-        seconds: float
+        seconds: float  # the whole job
+        checks: list | None = None  # converters.coreml.verify.Check per output; None: not verified
+        timings: dict = field(default_factory=dict)  # stage -> seconds
+
+        @property
+        def verified(self) -> bool:
+            return self.checks is not None and all(c.passed for c in self.checks)
+
+    @dataclass
+    class Cancelled(Message, bubble=False):
+        stage: str  # the stage that was running; nothing was published unless it was "verify"
+        bundle: Path | None = None  # set when the bundle was published before the cancel (verify skipped)
 
     @dataclass
     class Failed(Message, bubble=False):

@@ -28,6 +28,7 @@ class FormValues:
     sampler: str = DEFAULT_SAMPLER
     steps: int = 20
     cfg_scale: float = 7.0
+    clip_skip: int = 1
     seed: int = -1
     width: int = 512
     height: int = 512

@@ -10,12 +10,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mlsd.errors import InputFileError, MlsdError, UsageError
 from mlsd.paths import ModelsDir
+from tui.history import History
 from tui.messages import Catalog, Conversion, Generation
 from tui.preview import latent_preview
 from tui.settings import FormValues
@@ -33,6 +34,7 @@ class GenerationJob:
     form: FormValues
     models: ModelsDir
     outputs: Path
+    history: History | None = None  # where the form fields a PNG lacks are recorded for "reuse"
 
 
 @dataclass
@@ -114,7 +116,7 @@ def resolve_job(job: GenerationJob) -> Resolved:
     request = GenerationRequest(
         prompt=prompt, negative_prompt=negative, steps=form.steps, cfg_scale=form.cfg_scale, seed=form.seed,
         sampler=form.sampler, width=form.width, height=form.height, batch_count=form.batch_count,
-        batch_size=form.batch_size, strength=form.strength,
+        batch_size=form.batch_size, strength=form.strength, clip_skip=form.clip_skip,
         init_image=open_image(form.init_image, "Init image"), mask=open_image(form.mask, "Mask"),
     )
     request.validate()
@@ -155,6 +157,7 @@ def run_generation(job: GenerationJob, cache, post: Post, cancel: threading.Even
                 result = event
         stamp = model_stamp(resolved.model, resolved.vae, resolved.loras)  # a bundle names its source checkpoint
         saved = save_result(result, stamp, outputs_root=job.outputs)
+        _record(job, resolved, saved)
         shown = result.images[0] if len(result.images) == 1 or saved.grid is None else None
         if shown is None:
             from PIL import Image
@@ -168,6 +171,19 @@ def run_generation(job: GenerationJob, cache, post: Post, cancel: threading.Even
         if not isinstance(e, MlsdError):
             log.exception("generation failed")
         post(Generation.Failed(e))
+
+
+def _record(job: GenerationJob, resolved: Resolved, saved) -> None:
+    if job.history is None:
+        return
+    images = list(zip(saved.paths, saved.infotexts, strict=False))
+    if saved.grid is not None and saved.infotexts:
+        images.append((saved.grid, saved.infotexts[0]))
+    form = replace(job.form, model=str(resolved.model))
+    try:
+        job.history.record(images, form)
+    except OSError:  # the images are saved; only "reuse" of backend and compute unit is lost
+        log.warning("could not record %s", job.history.path, exc_info=True)
 
 
 def hash_models(items: list[tuple[Path, str]], post: Post, stop_requested: Callable[[], bool] = lambda: False) -> None:
@@ -188,15 +204,66 @@ def hash_models(items: list[tuple[Path, str]], post: Post, stop_requested: Calla
             post(Catalog.Hashed(path, None, getattr(e, "what", str(e))))
 
 
-def run_conversion(checkpoint: Path, bundle: Path, options, loras: list, post: Post) -> None:
+@dataclass
+class ConversionJob:
+    checkpoint: Path
+    bundle: Path
+    options: object  # converters.coreml.convert.ConvertOptions (the converter is imported lazily)
+    loras: list = field(default_factory=list)  # mlsd.session.LoraChoice, merged into the weights
+    vae: Path | None = None
+    verify: bool = True
+
+
+class ConversionCancelled(Exception):
+    """Raised from the converter's stage callback: the writer removes its work folder on the way out."""
+
+
+def run_conversion(job: ConversionJob, post: Post, cancelled: Callable[[], bool] = lambda: False) -> None:
+    """Load, convert stage by stage, publish, then verify every package with the reference executor, as
+    `mlsd convert` does; a cancel is honoured at the next stage boundary and publishes nothing."""
     t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    stage = "load"
     try:
         warm_imports()
+        from converters.cli import quiet_coremltools
+
+        quiet_coremltools()
         from converters.coreml.convert import convert_checkpoint
 
-        out = convert_checkpoint(checkpoint, bundle, options=options, loras=loras,
-                                 on_stage=lambda c, s, sec: post(Conversion.Stage(c, s, sec)))
-        post(Conversion.Done(Path(out), time.perf_counter() - t0))
+        post(Conversion.Stage("load", "start", 0.0))
+
+        def on_stage(component: str, state: str, seconds: float) -> None:
+            nonlocal stage
+            if stage == "load":  # the converter reports nothing until the checkpoint is loaded
+                timings["load"] = time.perf_counter() - t0
+                post(Conversion.Stage("load", "done", timings["load"]))
+            if state == "done":
+                timings[component] = seconds
+            stage = component
+            post(Conversion.Stage(component, state, seconds))
+            if cancelled():
+                raise ConversionCancelled
+
+        bundle = Path(convert_checkpoint(job.checkpoint, job.bundle, options=job.options, loras=job.loras,
+                                         vae=job.vae, on_stage=on_stage))
+        checks = None
+        if job.verify:
+            if cancelled():
+                post(Conversion.Cancelled("verify", bundle))
+                return
+            from converters.coreml.verify import verify_bundle
+
+            stage = "verify"
+            post(Conversion.Stage("verify", "start", 0.0))
+            start = time.perf_counter()
+            checks = verify_bundle(bundle)
+            timings["verify"] = time.perf_counter() - start
+            post(Conversion.Stage("verify", "done", timings["verify"]))
+        post(Conversion.Done(bundle, time.perf_counter() - t0, checks, timings))
+    except ConversionCancelled:
+        post(Conversion.Cancelled(stage))
     except Exception as e:  # noqa: BLE001 - see run_generation
-        log.exception("conversion failed")
+        if not isinstance(e, MlsdError):
+            log.exception("conversion failed")
         post(Conversion.Failed(e))

@@ -40,6 +40,7 @@ class GalleryScreen(Screen):
         super().__init__(id="gallery-screen")
         self.paths: list[Path] = []
         self.params = None  # GenerationParams of the highlighted image, when it has any
+        self.recorded: dict | None = None  # what the TUI recorded when it made that image (tui.history)
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -85,7 +86,7 @@ class GalleryScreen(Screen):
         view = self.query_one("#gallery-image", ImageView)
         folder = self.query_one("#gallery-folder", Static)
         text = self.query_one("#gallery-params", Static)
-        self.params = None
+        self.params = self.recorded = None
         if index is None or not 0 <= index < len(self.paths):
             view.clear()
             folder.update("")
@@ -104,7 +105,13 @@ class GalleryScreen(Screen):
             return
         if found.source == "a1111":
             self.params = GenerationParams.from_infotext(found.raw)
-            text.update(found.raw)
+            self.recorded = self.app.history.lookup(path, found.raw)
+            made = ""
+            if self.recorded:
+                r = self.recorded
+                made = (f"\n\nMade here with {Path(r.get('model', '')).name}: backend {r.get('backend')}, "
+                        f"compute unit {r.get('compute_unit')}, device {r.get('device')}")
+            text.update(found.raw + made)
         else:
             text.update(found.note or "No generation parameters in this image.")
 
@@ -112,7 +119,7 @@ class GalleryScreen(Screen):
         if self.params is None:
             self.notify("This image carries no parameters to reuse.", severity="warning")
             return
-        self.app.reuse(self.params)
+        self.app.reuse(self.params, self.recorded)
 
 
 def _relative(path: Path, root: Path) -> str:

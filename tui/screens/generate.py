@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 from textual import work
 from textual.app import ComposeResult
@@ -14,8 +13,8 @@ from textual.widgets import Button, Footer, Header
 from textual.worker import Worker, get_current_worker
 
 from mlsd.errors import MlsdError
-from tui.catalog import list_models, scan
-from tui.messages import Catalog, Generation, describe_error
+from tui.flags import GENERATE_FIELDS
+from tui.messages import Generation, describe_error
 from tui.settings import FormValues
 from tui.widgets.image_view import ImageView
 from tui.widgets.params import ParamsForm
@@ -36,13 +35,12 @@ class GenerateScreen(Screen):
         self.last_seed: int | None = None
         self._cancel = threading.Event()
         self._worker: Worker | None = None
-        self._extra: list[Path] = []
+        self._catalog_version = -1
 
     def compose(self) -> ComposeResult:
         app = self.app
         form: FormValues = app.initial_form
-        # --model may name a file outside the models directory: list it too, so it can be selected.
-        self._extra = [Path(form.model)] if form.model else []
+        self._catalog_version = app.catalog_version
         yield Header()
         with Horizontal(id="generate-main"):
             with Vertical(id="generate-left"):
@@ -55,13 +53,21 @@ class GenerateScreen(Screen):
                 with Horizontal(id="actions"):
                     yield Button("Generate  ctrl+g", id="generate", variant="primary")
                     yield Button("Cancel  esc", id="cancel", disabled=True)
-            yield ParamsForm(form, list_models(app.models, self._extra), app.models.list("lora"),
+            yield ParamsForm(form, app.catalog, app.models.list("lora"),
                              app.models.list("vae"), id="params")
         yield Footer()
 
     def on_mount(self) -> None:
         self.sub_title = f"models: {self.app.models.root}  ·  outputs: {self.app.output_dir}"
-        self._scan()
+
+    def on_screen_resume(self) -> None:
+        self.catalog_changed()
+
+    def catalog_changed(self) -> None:
+        """The app's model list changed (families described, a bundle converted): show it, keep the choice."""
+        if self._catalog_version != self.app.catalog_version:
+            self._catalog_version = self.app.catalog_version
+            self.query_one(ParamsForm).set_models(self.app.catalog)
 
     @property
     def generating(self) -> bool:
@@ -88,7 +94,8 @@ class GenerateScreen(Screen):
         self._cancel = threading.Event()
         self.query_one(GenerationProgress).start(values.steps * values.batch_count)
         self._set_running(True)
-        self._worker = self._generate(GenerationJob(values, self.app.models, self.app.output_dir), self._cancel)
+        self._worker = self._generate(GenerationJob(values, self.app.models, self.app.output_dir,
+                                                     self.app.history), self._cancel)
 
     def action_cancel(self) -> None:
         if self.generating:
@@ -108,14 +115,7 @@ class GenerateScreen(Screen):
         worker = get_current_worker()
         run_generation(job, self.app.cache, self.post_message, cancel, lambda: worker.is_cancelled)
 
-    @work(thread=True, exclusive=True, group="catalog", exit_on_error=False)
-    def _scan(self) -> None:
-        self.post_message(Catalog.Scanned(scan(self.app.models, self._extra)))
-
     # ---- messages from the workers ---------------------------------------------------------------
-
-    def on_catalog_scanned(self, message: Catalog.Scanned) -> None:
-        self.query_one(ParamsForm).set_models(message.entries)
 
     def on_generation_started(self, message: Generation.Started) -> None:
         progress = self.query_one(GenerationProgress)
@@ -152,7 +152,7 @@ class GenerateScreen(Screen):
         self.report(message.error)
 
     def report(self, error: BaseException) -> None:
-        title, text = describe_error(error)
+        title, text = describe_error(error, GENERATE_FIELDS)
         self.notify(text, title=title, severity="error", timeout=12, markup=False)
 
     def _set_running(self, running: bool) -> None:
@@ -161,12 +161,22 @@ class GenerateScreen(Screen):
 
     # ---- reuse from the gallery ------------------------------------------------------------------
 
-    def reuse(self, params) -> None:
-        """Fill the form from an image's GenerationParams (prompt, negative, seed, steps, sampler, CFG, size)."""
-        self.query_one("#prompt", PromptArea).text = params.prompt
+    def reuse(self, params, recorded: dict | None = None) -> list[str]:
+        """Fill the form from an image's GenerationParams, plus the fields the TUI recorded when it made it
+        (backend, compute unit, device, the bundle it ran...). Returns what could not be restored here."""
+        self.query_one("#prompt", PromptArea).text = params.prompt  # carries the LoRAs as <lora:...> tags
         self.query_one("#negative", PromptArea).text = params.negative_prompt
         form = self.query_one(ParamsForm)
-        model = form.model_for_name(params.model_name) if params.model_name else None
-        form.apply(seed=params.seed, steps=params.steps, sampler=params.sampler, cfg_scale=params.cfg_scale,
-                   width=params.width, height=params.height, model=model)
+        values = {"seed": params.seed, "steps": params.steps, "sampler": params.sampler,
+                  "cfg_scale": params.cfg_scale, "width": params.width, "height": params.height,
+                  "clip_skip": params.clip_skip, "loras": "", "init_image": "", "mask": ""}
+        if params.denoising_strength is not None:
+            values["strength"] = params.denoising_strength
+        values["vae"] = params.vae_name or ""
+        model = form.model_for_name(params.model_name, params.model_hash) if params.model_name else None
+        values.update(recorded or {})
+        if not form.has_choice("model", values.get("model")):  # the bundle or file it ran is gone
+            values["model"] = model
+        skipped = form.apply(**values)
         self.query_one("#prompt-text").focus()
+        return skipped

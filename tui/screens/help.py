@@ -15,13 +15,15 @@ HELP = """\
 |---|---|---|
 | **ctrl+g** | Generate | make the image(s) with the current prompt and parameters |
 | **escape** | Generate | cancel the running generation (within one step; nothing is saved) |
+| **ctrl+g** | Convert | convert the checkpoint to a Core ML bundle, then verify every package |
+| **escape** | Convert | cancel the conversion at the end of the current stage (nothing is published) |
 | **tab / shift+tab** | everywhere | next / previous field (prompt, negative prompt, buttons, parameters) |
 | **F1** | everywhere | this help (escape closes it) |
 | **F2** | everywhere | Generate screen |
 | **F3** | everywhere | Gallery: outputs newest first, with their parameters |
 | **F4** | everywhere | Models: family, hash, Core ML bundles |
 | **F5** | everywhere | Convert a checkpoint to a Core ML bundle |
-| **r / enter** | Gallery | reuse the image's prompt, negative, seed, steps, sampler, CFG and size |
+| **r / enter** | Gallery | reuse the image's parameters (prompt, seed, sampler, size, model, VAE...; backend and compute unit when this TUI made it) |
 | **ctrl+r** | Gallery, Models | read the folder again |
 | **ctrl+q** | everywhere | quit |
 

@@ -25,9 +25,13 @@ NUMBERS = {
     "steps": ("steps", "Steps", int), "cfg": ("cfg_scale", "CFG scale", float), "seed": ("seed", "Seed", int),
     "width": ("width", "Width", int), "height": ("height", "Height", int),
     "batch-count": ("batch_count", "Batch count", int), "batch-size": ("batch_size", "Batch size", int),
-    "strength": ("strength", "Strength", float),
+    "strength": ("strength", "Strength", float), "clip-skip": ("clip_skip", "Clip skip", int),
 }  # fmt: skip
 TEXTS = {"loras": "loras", "init-image": "init_image", "mask": "mask"}
+SELECTS = (("model", "model"), ("sampler", "sampler"), ("vae", "vae"), ("backend", "backend"),
+           ("compute-unit", "compute_unit"), ("device", "device"))  # (Select id, FormValues field)
+SELECT_LABELS = {"model": "Model", "sampler": "Sampler", "vae": "VAE", "backend": "Backend",
+                 "compute-unit": "Compute", "device": "Device"}
 
 
 def _row(label: str, *widgets, classes: str = "") -> Horizontal:
@@ -61,6 +65,8 @@ class ParamsForm(VerticalScroll):
                                      value=v.sampler if v.sampler in samplers else samplers[0]))
         yield _row("Steps", Input(str(v.steps), type="integer", id="steps", compact=True))
         yield _row("CFG scale", Input(f"{v.cfg_scale:g}", type="number", id="cfg", compact=True))
+        yield _row("Clip skip", Input(str(v.clip_skip), type="integer", id="clip-skip", compact=True,
+                                      tooltip="1 = the text encoder's last layer, 2 = the one before it"))
         yield _row("Seed", Input(str(v.seed), type="integer", id="seed", compact=True),
                    Button("Random", id="seed-random", compact=True, tooltip="a new random seed"),
                    Button("Last", id="seed-last", compact=True, tooltip="the seed of the last image"))
@@ -114,14 +120,15 @@ class ParamsForm(VerticalScroll):
                                  fix=f"type {kind} into the {label} field") from None
         for widget_id, attr in TEXTS.items():
             setattr(out, attr, self.query_one(f"#{widget_id}", Input).value.strip())
-        for widget_id, attr in (("model", "model"), ("sampler", "sampler"), ("vae", "vae"),
-                                ("backend", "backend"), ("compute-unit", "compute_unit"), ("device", "device")):
+        for widget_id, attr in SELECTS:
             value = self.query_one(f"#{widget_id}", Select).value
             setattr(out, attr, "" if value is Select.NULL else str(value))
         return out
 
-    def apply(self, **values) -> None:
-        """Set fields by FormValues name; unknown models and samplers are skipped (they would not select)."""
+    def apply(self, **values) -> list[str]:
+        """Set fields by FormValues name. A choice this form does not offer (a model or VAE that is not in
+        the models directory, say) is left as it was; the returned labels say which."""
+        skipped = []
         for widget_id, (attr, _, _) in NUMBERS.items():
             if values.get(attr) is not None:
                 value = values[attr]
@@ -129,11 +136,18 @@ class ParamsForm(VerticalScroll):
         for widget_id, attr in TEXTS.items():
             if values.get(attr) is not None:
                 self.query_one(f"#{widget_id}", Input).value = str(values[attr])
-        for widget_id, attr in (("model", "model"), ("sampler", "sampler"), ("vae", "vae"),
-                                ("backend", "backend"), ("compute-unit", "compute_unit"), ("device", "device")):
+        for widget_id, attr in SELECTS:
             value = values.get(attr)
-            if value is not None and value in self._choices(widget_id):
+            if value is None:
+                continue
+            if self.has_choice(widget_id, value):
                 self.query_one(f"#{widget_id}", Select).value = value
+            else:
+                skipped.append(f"{SELECT_LABELS[widget_id]} {value}")
+        return skipped
+
+    def has_choice(self, widget_id: str, value) -> bool:
+        return value is not None and str(value) in self._choices(widget_id)
 
     def _choices(self, widget_id: str) -> set[str]:
         return {"model": {str(e.path) for e in self._entries}, "sampler": set(sampler_names()),
@@ -149,12 +163,20 @@ class ParamsForm(VerticalScroll):
         if current is not Select.NULL and any(str(e.path) == current for e in entries):
             select.value = current
 
-    def model_for_name(self, name: str) -> str | None:
-        """The option value for an infotext "Model" name (a checkpoint stem)."""
-        for e in self._entries:
-            if e.kind == "checkpoint" and e.name == name:
-                return str(e.path)
-        return None
+    def model_for_name(self, name: str, short_hash: str | None = None) -> str | None:
+        """The option value for an infotext "Model" name (a checkpoint stem); where several files share the
+        name, the one whose A1111 hash is the image's (read from the hash cache or computed)."""
+        named = [e for e in self._entries if e.kind == "checkpoint" and e.name == name]
+        if len(named) > 1 and short_hash:
+            from mlsd.hashes import model_short_hash
+
+            for e in named:
+                try:
+                    if e.path.is_file() and model_short_hash(e.path) == short_hash:
+                        return str(e.path)
+                except OSError:
+                    continue
+        return str(named[0].path) if named else None
 
     # ---- interactions -----------------------------------------------------------------------------
 
