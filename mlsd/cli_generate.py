@@ -39,6 +39,8 @@ def add_parsers(sub, common) -> None:
     p.add_argument("--vae", help="VAE file path or name in models/VAE")
     p.add_argument("--clip-skip", type=int)
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"])
+    p.add_argument("--family", choices=["sd1", "sd2"],
+                   help="Core ML models converted elsewhere: the family, where the text width does not tell")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "coreml", "coreml-reference"],
                    help="auto: Core ML for bundles on macOS, else PyTorch (CUDA > MPS > CPU)")
@@ -193,7 +195,7 @@ def cmd_generate(args) -> int:
     n_images = request.batch_size * request.batch_count
     check_targets(args.output, n_images, overwrite=args.overwrite)  # refuse before minutes of work
     key = ModelKey(model_path, vae_path, tuple(loras), args.prediction_type, args.ema, args.device,
-                   args.precision, args.backend, args.compute_unit, request.output_size)
+                   args.precision, args.backend, args.compute_unit, request.output_size, family=args.family)
     kind, _, why = choose_backend(key)
     backend = load_backend(key)
     if not args.json:  # after loading: a refused file's error stays the first thing on stderr

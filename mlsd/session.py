@@ -69,6 +69,7 @@ class ModelKey:
     backend: str = "auto"  # auto | torch | coreml | coreml-reference
     compute_unit: str = "auto"
     size: tuple[int, int] | None = None  # picks the function of a multi-size Core ML bundle
+    family: str | None = None  # for Core ML folders converted elsewhere whose text width names no family
 
 
 @dataclass
@@ -97,10 +98,12 @@ def choose_backend(key: ModelKey) -> tuple[str, Path, str]:
     import json
     import sys
 
-    from mlsd.backends.coreml_backend import is_bundle
+    from mlsd.backends.coreml_backend import is_bundle, is_coreml_model
 
     if key.backend not in BACKENDS:
         raise UsageError(f"Unknown backend '{key.backend}'.", where="--backend", fix=f"use {', '.join(BACKENDS)}")
+    if not is_bundle(key.path) and is_coreml_model(key.path):
+        return _choose_for_foreign(key, sys.platform)
     if not is_bundle(key.path):
         if key.backend in ("coreml", "coreml-reference"):
             raise UsageError(f"--backend {key.backend} needs a Core ML bundle, and this is a checkpoint.",
@@ -122,6 +125,22 @@ def choose_backend(key: ModelKey) -> tuple[str, Path, str]:
     return "coreml-reference", key.path, "Core ML is not available here and the source checkpoint is gone"
 
 
+def _choose_for_foreign(key: ModelKey, platform: str) -> tuple[str, Path, str]:
+    """Core ML models converted elsewhere have no source checkpoint to fall back on."""
+    if key.loras:
+        raise UsageError("LoRAs cannot be added to Core ML models at run time: they are merged into the weights.",
+                         where=key.path, fix="generate from a checkpoint with --lora, or convert one with it")
+    if key.backend == "torch":
+        raise UsageError("--backend torch needs a checkpoint; this folder holds Core ML models converted elsewhere.",
+                         where=key.path, fix="use --backend coreml-reference (any OS) or --backend coreml (macOS)")
+    if key.backend in ("coreml", "coreml-reference"):
+        return key.backend, key.path, "asked for"
+    if platform == "darwin":
+        return "coreml", key.path, "Core ML is available on macOS"
+    return "coreml-reference", key.path, ("Core ML models converted elsewhere and Core ML is not available here: "
+                                          "the reference executor runs them (slow)")
+
+
 def load_backend(key: ModelKey):
     from mlsd.backends.torch_backend import TorchBackend
     from mlsd.checkpoints.load import load_model
@@ -133,7 +152,8 @@ def load_backend(key: ModelKey):
         from mlsd.backends.coreml_backend import CoreMLBackend
 
         runner = "coreml" if backend == "coreml" else "reference"
-        return CoreMLBackend(path, runner=runner, compute_unit=key.compute_unit, size=key.size)
+        return CoreMLBackend(path, runner=runner, compute_unit=key.compute_unit, size=key.size, family=key.family,
+                             prediction_type=key.prediction_type)
     if path != key.path:
         import json
 

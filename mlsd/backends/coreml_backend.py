@@ -7,7 +7,6 @@ runs on a Mac and what the tests exercise on Linux.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -24,6 +23,13 @@ COMPUTE_UNITS = ("auto", "ane", "gpu", "cpu", "all")
 
 def is_bundle(path: Path) -> bool:
     return Path(path).is_dir() and (Path(path) / "mlsd.json").is_file()
+
+
+def is_coreml_model(path: Path) -> bool:
+    """An mlsd bundle, or Core ML models converted elsewhere (Apple's folders, HF repos, Resources folders)."""
+    from mlsd.coreml.layouts import recognise
+
+    return recognise(path) is not None
 
 
 class _Reference:
@@ -63,16 +69,46 @@ def _dtype(code: int) -> str:
     return {65568: "fp32", 65552: "fp16", 131104: "int32"}.get(code, "fp32")
 
 
+class _CompiledCoreML:
+    """A compiled .mlmodelc (Apple's Swift pipeline, MochiDiffusion), loaded by Core ML as it is (macOS)."""
+
+    def __init__(self, path: Path, compute_unit: str):
+        import coremltools as ct
+
+        from mlsd.coreml.layouts import read_package
+
+        units = {"ane": ct.ComputeUnit.CPU_AND_NE, "gpu": ct.ComputeUnit.CPU_AND_GPU,
+                 "cpu": ct.ComputeUnit.CPU_ONLY, "all": ct.ComputeUnit.ALL}[compute_unit]
+        self.model = ct.models.CompiledMLModel(str(path), compute_units=units)
+        self.inputs = read_package(path).inputs
+
+    def predict(self, inputs):
+        return self.model.predict(inputs)
+
+
+class _ZeroResiduals:
+    """A ControlNet-ready UNet part run without a ControlNet: its additional_residual_* inputs get zeros."""
+
+    def __init__(self, part):
+        self.part = part
+        self.zeros = {n: np.zeros(shape, np.float16 if dtype == "fp16" else np.float32)
+                      for n, (shape, dtype) in part.inputs.items() if n.startswith("additional_residual_")}
+        self.inputs = {n: spec for n, spec in part.inputs.items() if n not in self.zeros}
+
+    def predict(self, inputs):
+        return self.part.predict({**inputs, **self.zeros})
+
+
 class CoreMLBackend:
     def __init__(self, bundle: str | Path, *, runner: str = "reference", compute_unit: str = "auto",
-                 size: tuple[int, int] | None = None):
+                 size: tuple[int, int] | None = None, family: str | None = None,
+                 prediction_type: str | None = None):
+        """`bundle`: an mlsd bundle or a folder converted elsewhere (see mlsd.coreml.layouts); `family` and
+        `prediction_type` fill in what such a folder cannot tell (an mlsd bundle records both)."""
+        from mlsd.coreml.layouts import MLSD, read_layout
         from mlsd.families import FAMILIES, load_tokenizer
 
         self.bundle = Path(bundle)
-        if not is_bundle(self.bundle):
-            raise InputFileError("Not an mlsd Core ML bundle (no mlsd.json).", where=self.bundle,
-                                 fix="convert a checkpoint first: mlsd convert MODEL")
-        self.manifest = json.loads((self.bundle / "mlsd.json").read_text(encoding="utf-8"))
         self.name = "coreml" if runner == "coreml" else "coreml-reference"
         self.device = "cpu"
         self.precision = "fp16"
@@ -81,6 +117,17 @@ class CoreMLBackend:
                              fix="use --backend coreml-reference (slow, exact) or the source checkpoint")
         if compute_unit not in COMPUTE_UNITS:
             raise UsageError(f"Unknown compute unit '{compute_unit}'.", fix=f"use one of {', '.join(COMPUTE_UNITS)}")
+        if family is not None and family not in FAMILIES:
+            raise UsageError(f"Unknown family '{family}'.", where="--family", fix=f"use {', '.join(FAMILIES)}")
+        # Only Core ML loads compiled .mlmodelc parts; the reference executor reads .mlpackage files.
+        self.layout = read_layout(self.bundle, family=family, prediction_type=prediction_type,
+                                  attention="original" if compute_unit == "gpu" else None,
+                                  compiled_ok=runner == "coreml" and sys.platform == "darwin")
+        for note in self.layout.notes:
+            log.warning("%s: %s", self.bundle.name, note)
+        self.manifest = self.layout.manifest
+        if prediction_type and self.layout.kind == MLSD:
+            self.manifest = self.manifest | {"prediction_type": prediction_type}
         attention = self.manifest.get("options", {}).get("attention", "split_einsum")
         if compute_unit == "auto":
             compute_unit = "gpu" if attention == "original" else "ane"
@@ -89,7 +136,7 @@ class CoreMLBackend:
         self.device_reason = f"{self.name}, compute unit {compute_unit}"
         family = FAMILIES[self.manifest["family"]]
         self.clip_skip = int(self.manifest.get("clip_skip", 1))
-        self.tokenizer = load_tokenizer(family, self.bundle if (self.bundle / "vocab.json").is_file() else None)
+        self.tokenizer = load_tokenizer(family, self.layout.tokenizer)
         components = self.manifest.get("components", {})
         missing = [c for c in ("text_encoder", "unet", "vae_decoder") if c not in components]
         if missing:
@@ -107,14 +154,17 @@ class CoreMLBackend:
             self._function = key
         self.sizes = sizes
 
-        def make(name, function=None):
-            path = self.bundle / name
-            return _CoreML(path, function, compute_unit) if runner == "coreml" else _Reference(path, function)
+        def make(path: Path, function=None):
+            if runner != "coreml":
+                return _Reference(path, function)
+            if path.suffix == ".mlmodelc":
+                return _CompiledCoreML(path, compute_unit)
+            return _CoreML(path, function, compute_unit)
 
-        self._text = make("TextEncoder.mlpackage")
-        self._unet = [make(n, self._function) for n in unet["files"]]
-        self._decoder = make("VAEDecoder.mlpackage")
-        self._encoder = make("VAEEncoder.mlpackage") if "vae_encoder" in components else None
+        self._text = make(self.layout.text_encoder)
+        self._unet = [_ZeroResiduals(make(p, self._function)) for p in self.layout.unet]
+        self._decoder = make(self.layout.vae_decoder)
+        self._encoder = make(self.layout.vae_encoder) if self.layout.vae_encoder else None
         sample_shape = self._unet[0].inputs["sample"][0]
         z_shape = self._decoder.inputs["z"][0]
         image_h = components["vae_decoder"]["io"]["outputs"]["image"]["shape"][2]
