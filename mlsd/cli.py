@@ -53,7 +53,14 @@ def cmd_models(args: argparse.Namespace) -> int:
         entries = []
         for path in root.list(kind):
             entry = {"name": path.name, "path": str(path)}
-            if kind != "coreml":
+            if kind == "coreml":
+                from mlsd.coreml.layouts import describe_folder
+
+                try:
+                    entry |= describe_folder(path)
+                except MlsdError as e:
+                    entry["error"] = e.what
+            else:
                 try:
                     info = describe(path, with_hash=False)
                     entry |= {k: info[k] for k in ("family", "kind", "prediction_type", "size_bytes",
@@ -71,10 +78,27 @@ def cmd_models(args: argparse.Namespace) -> int:
         if not entries:
             print("  (none)")
         for e in entries:
-            detail = e.get("error") or " ".join(
-                str(e[k]) for k in ("family", "kind", "format", "prediction_type") if e.get(k))
+            detail = e.get("error") or (_coreml_detail(e) if kind == "coreml" else " ".join(
+                str(e[k]) for k in ("family", "kind", "format", "prediction_type") if e.get(k)))
             print(f"  {e['name']:<48} {detail}")
     return 0
+
+
+def _coreml_detail(e: dict) -> str:
+    """One line: layout, family, size, attention, compute-unit advice, and what runs or is skipped."""
+    words = [e.get("layout"), e.get("family") + (" inpainting" if e.get("inpainting") else ""), e.get("size"),
+             e.get("attention"), f"compute unit {e.get('compute_unit')}"]
+    if e.get("chunks", 1) > 1:
+        words.append(f"{e['chunks']} UNet chunks")
+    if e.get("palettized"):
+        words.append("palettized")
+    if e.get("controlnet_ready"):
+        words.append("ControlNet-ready UNet")
+    if e.get("ignored"):
+        words.append(f"ignored: {', '.join(e['ignored'])}")
+    if e.get("runs_here") is False:
+        words.append("(compiled: macOS only)")
+    return " ".join(str(w) for w in words if w)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
