@@ -68,8 +68,8 @@ def write_settings(path: Path, **form) -> Path:
 
 def make_app(tmp_path, models, cache, model=None, **form):
     settings = write_settings(tmp_path / "settings.toml", **form)
-    return create_app(models_dir=models, output_dir=tmp_path / "outputs", settings_path=settings, cache=cache,
-                      model=model)
+    return keep_notes(create_app(models_dir=models, output_dir=tmp_path / "outputs", settings_path=settings,
+                                 cache=cache, model=model))
 
 
 async def settle(pilot) -> None:
@@ -92,8 +92,26 @@ def pngs(root: Path) -> list[Path]:
     return sorted(root.rglob("*.png")) if root.exists() else []
 
 
+def keep_notes(app):
+    """Every notification as "title: message", kept after its toast times out (a slow machine may take
+    longer than the timeout to reach the assertion)."""
+    app.sent_notes = []
+    notify = app.notify
+
+    def note(message, *, title="", **kw):
+        app.sent_notes.append(f"{title}: {message}")
+        return notify(message, title=title, **kw)
+
+    app.notify = note
+    return app
+
+
 def notes(app) -> str:
-    return "\n".join(f"{n.title}: {n.message}" for n in app._notifications)
+    return "\n".join(app.sent_notes)
+
+
+def clear_notes(app) -> None:
+    app.sent_notes.clear()
 
 
 def test_type_prompts_generate_and_save_like_mlsd_generate(tmp_path, models, cache):
@@ -197,7 +215,8 @@ def test_bad_input_shows_an_error_and_the_app_keeps_running(tmp_path, models, ca
     (broken / "Stable-diffusion").mkdir(parents=True)
     (broken / "Stable-diffusion" / "broken.safetensors").write_bytes(b"")
     settings = write_settings(tmp_path / "settings.toml", prompt="a fox")
-    app = create_app(models_dir=broken, output_dir=tmp_path / "outputs", settings_path=settings, cache=cache)
+    app = keep_notes(create_app(models_dir=broken, output_dir=tmp_path / "outputs", settings_path=settings,
+                                cache=cache))
 
     async def body():
         async with app.run_test(size=SIZE) as pilot:
@@ -205,7 +224,7 @@ def test_bad_input_shows_an_error_and_the_app_keeps_running(tmp_path, models, ca
             await pilot.press("ctrl+g")
             await settle(pilot)
             first = notes(app), app.screen.query_one(GenerationProgress).status
-            app._notifications.clear()
+            clear_notes(app)
             # the listing already said so: the select's badge marks the file unreadable
             label = str(app.screen.query_one("#model", Select).selection)
             return first, label
@@ -247,7 +266,7 @@ def test_each_mistake_is_named_in_a_notification(tmp_path, models, cache):
                 await pilot.press("ctrl+g")
                 await settle(pilot)
                 found.append((notes(app), app.screen.id))
-                app._notifications.clear()
+                clear_notes(app)
                 if field == "backend":
                     screen.query_one("#backend", Select).value = "auto"
                 elif field != "model":
@@ -287,13 +306,13 @@ def test_a_core_ml_bundle_generates_and_names_its_source_checkpoint(tmp_path, mo
             await wait_for(pilot, lambda: any(isinstance(m, Generation.Finished | Generation.Failed) for m in seen))
             await settle(pilot)
             first = notes(app), app.screen.query_one(GenerationProgress).status
-            app._notifications.clear()
+            clear_notes(app)
             # the limits a bundle has reach the user as notifications too
             app.screen.query_one("#prompt", PromptArea).text = ", ".join(["a very detailed red fox"] * 20)
             await pilot.press("ctrl+g")
             await settle(pilot)
             too_long = notes(app), app.screen.id
-            app._notifications.clear()
+            clear_notes(app)
             app.screen.query_one("#prompt", PromptArea).text = "a red fox"
             app.screen.query_one(ParamsForm).apply(width=128, height=128)
             await pilot.press("ctrl+g")
@@ -343,7 +362,7 @@ def test_reuse_restores_the_bundle_backend_and_compute_unit_it_ran_on(tmp_path, 
             await pilot.press("r")
             await settle(pilot)
             restored, note = form_of(app.screen), notes(app)
-            app._notifications.clear()
+            clear_notes(app)
             # Negative control: the same file name now holds another image (other parameters): its record
             # must not apply, so backend and compute unit stay as the form has them.
             text = read_image_parameters(png).raw.replace("Seed: 77", "Seed: 78")
@@ -419,6 +438,11 @@ def test_help_and_models_screens(tmp_path, models, cache):
     async def body():
         async with app.run_test(size=SIZE) as pilot:
             await settle(pilot)
+            order = []
+            for _ in range(3):  # prompt -> negative -> Generate -> the first parameter (not the column)
+                await pilot.press("tab")
+                order.append(app.focused.id)
+            assert order == ["negative-text", "generate", "model"]
             await pilot.press("f1")
             help_text = type(app.screen).__name__
             await pilot.press("escape")

@@ -16,7 +16,16 @@ pytest.importorskip("coremltools")
 from textual.widgets import Checkbox, DataTable, Input, Select, Static  # noqa: E402
 
 from mlsd.session import ModelCache  # noqa: E402
-from tests.test_tui_app import SIZE, _isolated, notes, settle, wait_for, write_settings  # noqa: E402, F401
+from tests.test_tui_app import (  # noqa: E402, F401
+    SIZE,
+    _isolated,
+    clear_notes,
+    keep_notes,
+    notes,
+    settle,
+    wait_for,
+    write_settings,
+)
 from tui.app import create_app  # noqa: E402
 from tui.messages import Conversion  # noqa: E402
 
@@ -34,7 +43,8 @@ def models(tmp_path, tiny_checkpoints) -> Path:
 
 def make_app(tmp_path, models):
     settings = write_settings(tmp_path / "settings.toml")
-    return create_app(models_dir=models, output_dir=tmp_path / "outputs", settings_path=settings, cache=ModelCache())
+    return keep_notes(create_app(models_dir=models, output_dir=tmp_path / "outputs", settings_path=settings,
+                                 cache=ModelCache()))
 
 
 async def fill_convert_form(pilot, components: tuple[str, ...], checkpoint: Path | None = None) -> None:
@@ -150,7 +160,7 @@ def test_a_bad_checkpoint_or_option_is_a_notification_not_a_crash(tmp_path, mode
             await wait_for(pilot, lambda: any(isinstance(m, Conversion.Failed | Conversion.Done) for m in seen))
             await settle(pilot)
             first = notes(app), str(app.screen.query_one("#convert-summary", Static).content), app.screen.id
-            app._notifications.clear()
+            clear_notes(app)
             app.screen.query_one("#convert-model", Select).value = str(models / "Stable-diffusion" /
                                                                        "tiny.safetensors")
             app.screen.query_one("#convert-chunks", Input).value = "9"

@@ -22,6 +22,8 @@ def add_parser(sub, common) -> None:
 
 
 def cmd_tui(args) -> int:
+    # tqdm reads this when it is first imported: coremltools' and diffusers' bars would draw over the screen.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     # tui.app imports textual-image, which must ask the terminal about graphics before Textual starts.
     from tui.app import create_app
 

@@ -39,9 +39,10 @@ class History:
             return {}
         return data if isinstance(data, dict) else {}
 
-    def record(self, images: list[tuple[Path, str]], form: FormValues) -> None:
-        """(image path, its parameters text) for each saved image (and grid), made with ``form``."""
-        fields = {name: getattr(form, name) for name in RECORDED}
+    def record(self, images: list[tuple[Path, str]], form: FormValues, ran_on: str = "") -> None:
+        """(image path, its parameters text) for each saved image (and grid), made with ``form``;
+        ``ran_on``: the backend that actually ran (the form may say "auto")."""
+        fields = {name: getattr(form, name) for name in RECORDED} | {"ran_on": ran_on}
         with _LOCK:
             data = self._read()
             for path, infotext in images:
@@ -64,4 +65,4 @@ class History:
         if not isinstance(entry, dict) or entry.get("parameters") != _digest(infotext):
             return None
         form = entry.get("form")
-        return {k: v for k, v in form.items() if k in RECORDED} if isinstance(form, dict) else None
+        return {k: v for k, v in form.items() if k in (*RECORDED, "ran_on")} if isinstance(form, dict) else None

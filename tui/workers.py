@@ -181,7 +181,7 @@ def _record(job: GenerationJob, resolved: Resolved, saved) -> None:
         images.append((saved.grid, saved.infotexts[0]))
     form = replace(job.form, model=str(resolved.model))
     try:
-        job.history.record(images, form)
+        job.history.record(images, form, ran_on=resolved.backend)
     except OSError:  # the images are saved; only "reuse" of backend and compute unit is lost
         log.warning("could not record %s", job.history.path, exc_info=True)
 

@@ -64,6 +64,10 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     return sizes
 
 
+class FormColumn(VerticalScroll, can_focus=False):
+    """Scrolls, but Tab goes to its fields, not to it (a focused field scrolls into view)."""
+
+
 def _row(label: str, *widgets) -> Horizontal:
     return Horizontal(Label(label, classes="field-label"), *widgets, classes="field")
 
@@ -102,7 +106,7 @@ class ConvertScreen(Screen):
         chosen = self.app.current_model()
         values = [value for _, value in checkpoints]
         with Horizontal(id="convert-main"):
-            with VerticalScroll(id="convert-form"):
+            with FormColumn(id="convert-form"):
                 yield Static("Source", classes="section")
                 yield _row("Checkpoint", Select(
                     checkpoints, id="convert-model", compact=True,

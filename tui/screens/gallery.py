@@ -109,7 +109,8 @@ class GalleryScreen(Screen):
             made = ""
             if self.recorded:
                 r = self.recorded
-                made = (f"\n\nMade here with {Path(r.get('model', '')).name}: backend {r.get('backend')}, "
+                ran = f" (ran on {r['ran_on']})" if r.get("ran_on") and r.get("ran_on") != r.get("backend") else ""
+                made = (f"\n\nMade here with {Path(r.get('model', '')).name}: backend {r.get('backend')}{ran}, "
                         f"compute unit {r.get('compute_unit')}, device {r.get('device')}")
             text.update(found.raw + made)
         else:

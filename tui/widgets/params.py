@@ -42,8 +42,11 @@ def _options(values) -> list[tuple[str, str]]:
     return [(v, v) for v in values]
 
 
-class ParamsForm(VerticalScroll):
-    """Reads as FormValues and takes FormValues back (settings, gallery reuse)."""
+class ParamsForm(VerticalScroll, can_focus=False):
+    """Reads as FormValues and takes FormValues back (settings, gallery reuse).
+
+    Not a focus stop itself: Tab goes from the buttons straight to the first field (a focused field
+    scrolls into view anyway)."""
 
     def __init__(self, values: FormValues, entries: list[ModelEntry], loras: list[Path], vaes: list[Path],
                  id: str | None = None):
