@@ -7,8 +7,12 @@ import asyncio
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import numpy as np
 
 pytest.importorskip("textual")
 pytest.importorskip("coremltools")
@@ -68,16 +72,59 @@ def conversion_messages(seen) -> list:
                                           | Conversion.Failed)]
 
 
+def text_encoder_lora(models: Path) -> Path:
+    """A kohya LoRA on two text-encoder layers, in models/Lora (the text encoder is the cheap part to convert)."""
+    import torch
+
+    from mlsd.checkpoints.load import load_model
+    from tests.lora_fixtures import kohya_stem, lora_piece, write_lora
+
+    base = load_model(models / "Stable-diffusion" / "tiny.safetensors")
+    g = torch.Generator().manual_seed(11)
+    entries = {}
+    for name in ("encoder.layers.0.self_attn.q_proj", "encoder.layers.1.mlp.fc1"):
+        entries[kohya_stem("lora_te_", f"text_model.{name}")] = lora_piece(base.text_encoder.get_submodule(name), g,
+                                                                            rank=4, alpha=4.0)
+    (models / "Lora").mkdir(exist_ok=True)
+    return write_lora(models / "Lora" / "style.safetensors", entries)
+
+
+def text_encoder_outputs(package: Path | None, checkpoint: Path) -> np.ndarray:
+    """last_hidden_state for a fixed prompt: from the package (reference executor) or the plain checkpoint."""
+    import numpy as np
+    import torch
+
+    from converters.coreml.components import TextEncoderWrapper
+    from mlsd.checkpoints.load import load_model
+    from mlsd.coreml import Executor
+
+    model = load_model(checkpoint)
+    ids = model.tokenizer(["a lighthouse at dusk"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    if package is not None:
+        return np.asarray(Executor(package).run({"input_ids": ids.float().numpy()})["last_hidden_state"], np.float32)
+    with torch.no_grad():
+        return TextEncoderWrapper(model.text_encoder)(ids)[0].numpy()
+
+
 def test_convert_verifies_and_the_bundle_appears_in_the_model_lists(tmp_path, models):
+    import numpy as np
+
+    lora = text_encoder_lora(models)
     app = make_app(tmp_path, models)
     seen = []
-    bundle = models / "Core-ML" / "tiny-split_einsum-64x64"
+    bundle = models / "Core-ML" / "tiny-style-split_einsum-64x64"
 
     async def body():
         async with app.run_test(size=SIZE, message_hook=seen.append) as pilot:
             await settle(pilot)
             await fill_convert_form(pilot, ("text_encoder",))
             screen = app.screen
+            screen.query_one("#convert-lora-pick", Select).value = "style"  # the picker writes "style:1"
+            await pilot.pause()
+            loras = screen.query_one("#convert-loras", Input)
+            picked = loras.value
+            loras.focus()
+            await pilot.press("end", "backspace", *"0.5")
             target = str(screen.query_one("#convert-target", Static).content)
             await pilot.press("ctrl+g")
             await wait_for(pilot, lambda: any(isinstance(m, Conversion.Done | Conversion.Failed) for m in seen),
@@ -94,9 +141,10 @@ def test_convert_verifies_and_the_bundle_appears_in_the_model_lists(tmp_path, mo
             await pilot.press("f4")
             await settle(pilot)
             listed = [str(k.value) for k in app.screen.query_one(DataTable).rows]
-            return target, rows, states, summary, models_in_form, listed
+            return picked, target, rows, states, summary, models_in_form, listed
 
-    target, rows, states, summary, models_in_form, listed = asyncio.run(body())
+    picked, target, rows, states, summary, models_in_form, listed = asyncio.run(body())
+    assert picked == "style:1"
     failed = [m.error for m in seen if isinstance(m, Conversion.Failed)]
     assert not failed, failed
     progress = [(m.component, m.state) for m in conversion_messages(seen) if isinstance(m, Conversion.Stage)]
@@ -109,6 +157,8 @@ def test_convert_verifies_and_the_bundle_appears_in_the_model_lists(tmp_path, mo
     manifest = json.loads((bundle / "mlsd.json").read_text())
     assert list(manifest["components"]) == ["text_encoder"] and (bundle / "TextEncoder.mlpackage").is_dir()
     assert manifest["options"]["chunks"] == 1 and manifest["options"]["sizes"] == ["64x64"]
+    [merged] = manifest["loras"]
+    assert (Path(merged["path"]), merged["unet_weight"]) == (lora, 0.5)
     recorded = manifest["verification"]["results"]
     assert [[r["component"], r["output"], f"{r['psnr']:.1f}", f"{r['max_abs']:.2e}"] for r in recorded] == \
         [row[:4] for row in rows]
@@ -117,6 +167,11 @@ def test_convert_verifies_and_the_bundle_appears_in_the_model_lists(tmp_path, mo
     assert states == {"load checkpoint": "done", "Text encoder": "done", "verify (reference executor)": "done"}
     assert str(bundle) in models_in_form and str(bundle) in listed
     assert not [p for p in (models / "Core-ML").iterdir() if p != bundle]  # no work folder left behind
+    # Negative control: the LoRA really is in the converted weights (the package differs from the plain
+    # checkpoint by far more than the verified conversion error).
+    ours = text_encoder_outputs(bundle / "TextEncoder.mlpackage", models / "Stable-diffusion" / "tiny.safetensors")
+    plain = text_encoder_outputs(None, models / "Stable-diffusion" / "tiny.safetensors")
+    assert float(np.abs(ours - plain).max()) > 20 * recorded[0]["max_abs"]
 
 
 def test_escape_cancels_at_the_next_stage_and_publishes_nothing(tmp_path, models):

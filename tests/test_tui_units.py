@@ -159,9 +159,11 @@ def test_history_applies_only_to_the_image_it_was_recorded_for(tmp_path, monkeyp
 
     history = History(tmp_path / "cfg" / "tui-history.json")
     form = FormValues(model="/m/bundle", backend="coreml-reference", compute_unit="cpu", device="cpu", seed=5)
-    history.record([(tmp_path / "a.png", "a fox\nSeed: 5"), (tmp_path / "b.png", "an owl\nSeed: 6")], form)
+    history.record([(tmp_path / "a.png", "a fox\nSeed: 5"), (tmp_path / "b.png", "an owl\nSeed: 6")], form,
+                   ran_on="coreml-reference")
     found = history.lookup(tmp_path / "a.png", "a fox\nSeed: 5")
     assert found["backend"] == "coreml-reference" and found["compute_unit"] == "cpu" and found["model"] == "/m/bundle"
+    assert found["ran_on"] == "coreml-reference"
     assert "seed" not in found  # the PNG says that itself
     assert history.lookup(tmp_path / "a.png", "a fox\nSeed: 6") is None  # same name, another image
     assert history.lookup(tmp_path / "c.png", "a fox\nSeed: 5") is None
