@@ -35,7 +35,8 @@ def add_parser(sub, common) -> None:
     p.set_defaults(func=cmd_convert)
 
     v = sub.add_parser("verify", help="prove a bundle's packages against the PyTorch source (any OS)")
-    v.add_argument("bundle", help="bundle folder or name in models/Core-ML")
+    v.add_argument("bundle", help="bundle folder or name in models/Core-ML; also a folder or package converted "
+                   "elsewhere (with --against)")
     v.add_argument("--against", help="source checkpoint (default: the one recorded in mlsd.json)")
     v.add_argument("--json", action="store_true")
     common(v)
@@ -62,9 +63,14 @@ def cmd_verify(args) -> int:
     root = models_dir(args.models_dir)
     bundle = root.resolve(args.bundle, "coreml")
     against = root.resolve(args.against, "checkpoint") if args.against else None
-    checks = verify_bundle(bundle, against)
+    if (bundle / "mlsd.json").is_file():
+        checks = verify_bundle(bundle, against)
+    else:  # converted elsewhere (Apple's folders, HF repos, Resources folders, one package)
+        from converters.coreml.verify_foreign import verify_foreign
+
+        checks = verify_foreign(bundle, against)
     if args.json:
-        print(json.dumps([c.__dict__ | {"passed": c.passed} for c in checks], indent=2))
+        print(json.dumps([c.__dict__ | {"passed": bool(c.passed)} for c in checks], indent=2, default=float))
         return 0 if all(c.passed for c in checks) else 1
     print(bundle)
     return 0 if print_checks(checks) else 1

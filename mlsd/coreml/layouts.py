@@ -507,7 +507,8 @@ def _infer_manifest(layout: Layout, family: str | None, prediction_type: str | N
         if family is None:
             family = "sd1"
             layout.notes.append(f"text width {width} is neither SD1's 768 nor SD2's 1024: SD1 settings assumed "
-                                "(set --family to change)")
+                                "(set --family to change)" if width else "no text width to tell the family by: "
+                                "SD1 settings assumed (set --family to change)")
     sample = unets[0].inputs.get("sample", ((), ""))[0] if unets else ()
     scale = 8
     if dec and dec.inputs.get("z", ((),))[0] and dec.outputs.get("image", ((),))[0]:
