@@ -59,6 +59,6 @@ def verify_foreign(path: str | Path, against: str | Path | None, *, family: str 
 
 
 def _inputs(package: Path) -> dict:
-    from mlsd.coreml.layouts import read_package
+    from mlsd.coreml.package_info import read_package
 
     return read_package(package).inputs

@@ -75,7 +75,7 @@ class _CompiledCoreML:
     def __init__(self, path: Path, compute_unit: str):
         import coremltools as ct
 
-        from mlsd.coreml.layouts import read_package
+        from mlsd.coreml.package_info import read_package
 
         units = {"ane": ct.ComputeUnit.CPU_AND_NE, "gpu": ct.ComputeUnit.CPU_AND_GPU,
                  "cpu": ct.ComputeUnit.CPU_ONLY, "all": ct.ComputeUnit.ALL}[compute_unit]
@@ -163,8 +163,9 @@ class CoreMLBackend:
 
         self._text = make(self.layout.text_encoder)
         self._unet = [_ZeroResiduals(make(p, self._function)) for p in self.layout.unet]
-        self._decoder = make(self.layout.vae_decoder)
-        self._encoder = make(self.layout.vae_encoder) if self.layout.vae_encoder else None
+        vae = self._vae_function(components)
+        self._decoder = make(self.layout.vae_decoder, vae.get("vae_decoder"))
+        self._encoder = make(self.layout.vae_encoder, vae.get("vae_encoder")) if self.layout.vae_encoder else None
         sample_shape = self._unet[0].inputs["sample"][0]
         z_shape = self._decoder.inputs["z"][0]
         image_h = components["vae_decoder"]["io"]["outputs"]["image"]["shape"][2]
@@ -174,6 +175,21 @@ class CoreMLBackend:
             latent_channels=z_shape[1], unet_in_channels=sample_shape[1], vae_scale_factor=image_h // z_shape[2],
             scaling_factor=float(self.manifest.get("vae_scaling_factor", 0.18215)))
         self.latent_size = tuple(sample_shape[2:])
+
+    def _vae_function(self, components: dict) -> dict[str, str | None]:
+        """The VAE packages' function for the chosen UNet size (multi-size bundles hold one per size)."""
+        chosen = {}
+        for kind in ("vae_decoder", "vae_encoder"):
+            functions = components.get(kind, {}).get("functions")
+            if self._function is None or kind not in components:
+                chosen[kind] = None
+            elif functions and self._function in functions:
+                chosen[kind] = self._function
+            else:
+                raise InputFileError(f"The bundle's {kind.replace('_', ' ')} has no {self._function} function "
+                                     "(converted for one size only).", where=self.bundle,
+                                     fix="convert again with the same --sizes to get one VAE function per size")
+        return chosen
 
     # --- the four things a backend supplies
     def encode_tokens(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:

@@ -22,7 +22,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlsd.coreml.package_info import PackageInfo, read_package, role_by_io
 from mlsd.errors import InputFileError, UnsupportedModelError, UsageError
+
+__all__ = ["Layout", "PackageInfo", "describe_folder", "read_layout", "read_package", "recognise",
+           "role_by_io"]
 
 MLSD, APPLE, HF_REPO, RESOURCES, BY_IO, SINGLE = (
     "mlsd bundle", "apple-packages", "apple-hf-repo", "mochi-resources", "packages-by-io", "single package")
@@ -42,25 +46,7 @@ _UNSUPPORTED = {"text_encoder_2": "a second text encoder (Stable Diffusion XL)",
                 "refiner": "an SDXL refiner UNet"}
 _IGNORED = ("safety_checker", "controlnet", "image_encoder", "multilingual_projection")
 _WIDTH_FAMILY = {768: "sd1", 1024: "sd2"}
-_SPEC_TARGETS = {7: "macOS13/iOS16", 8: "macOS14/iOS17", 9: "macOS15/iOS18"}
-_DTYPES = {65568: "fp32", 65552: "fp16", 131104: "int32", "Float32": "fp32", "Float16": "fp16", "Int32": "int32"}
 COMPILED_ONLY_ON_MACOS = "Compiled Core ML models (.mlmodelc) load only through Core ML, which exists only on macOS"
-
-
-@dataclass(frozen=True)
-class PackageInfo:
-    """What the spec of one package says: I/O (name -> (shape, dtype)), op types, softmax axes, target."""
-
-    path: Path
-    inputs: dict[str, tuple[tuple[int, ...], str]]
-    outputs: dict[str, tuple[tuple[int, ...], str]]
-    op_types: frozenset[str]
-    softmax_axes: frozenset[int]
-    target: str | None
-
-    @property
-    def compiled(self) -> bool:
-        return self.path.suffix == ".mlmodelc"
 
 
 @dataclass
@@ -78,6 +64,7 @@ class Layout:
     variants: list[str] = field(default_factory=list)  # an HF repo's other attention/format folders
     parts_kind: str = ""  # the naming the parts follow (an HF repo's folders use Apple's or the Swift names)
     parts_folder: Path | None = None
+    refused: list[Path] = field(default_factory=list)  # compiled-only parts this OS cannot load
 
     @property
     def packages(self) -> list[Path]:
@@ -92,7 +79,7 @@ class Layout:
         if self.kind == MLSD:  # mlsd.json records what a foreign folder's specs only imply
             unet = unet | {"palettized": bool(options.get("quantize_bits"))}
             m = m | {"target": options.get("min_target")}
-        out = {"layout": self.kind, "family": m.get("family"), "size": ",".join(m.get("options", {}).get("sizes", [])),
+        out = {"layout": self.kind, "family": m.get("family"), "size": ",".join(options.get("sizes", [])),
                "attention": attention, "compute_unit": compute_unit_advice(attention),
                "inpainting": bool(m.get("inpainting")), "prediction_type": m.get("prediction_type"),
                "chunks": len(self.unet), "palettized": bool(unet.get("palettized")),
@@ -164,88 +151,6 @@ def recognise(path: str | Path) -> str | None:
     return BY_IO if any(p.suffix == ".mlpackage" for p in packages) else None
 
 
-# --------------------------------------------------------------------------- specs
-def read_package(path: Path) -> PackageInfo:
-    """I/O, op types and target of one package, from its spec (.mlpackage) or metadata (.mlmodelc)."""
-    return _read_compiled(path) if path.suffix == ".mlmodelc" else _read_mlpackage(path)
-
-
-def _read_mlpackage(path: Path) -> PackageInfo:
-    import coremltools as ct
-
-    try:
-        spec = ct.models.utils.load_spec(str(path))
-    except Exception as exc:  # damaged packages raise assorted types
-        raise InputFileError(f"Cannot read this Core ML package ({exc}).", where=path,
-                             fix="download or convert it again") from exc
-
-    def io(items):
-        return {f.name: (tuple(int(d) for d in f.type.multiArrayType.shape),
-                         _DTYPES.get(f.type.multiArrayType.dataType, "fp32")) for f in items}
-
-    ops: set[str] = set()
-    axes: set[int] = set()
-    if spec.WhichOneof("Type") == "mlProgram":
-        for function in spec.mlProgram.functions.values():
-            for block in function.block_specializations.values():
-                _walk(block, ops, axes)
-    return PackageInfo(path, io(spec.description.input), io(spec.description.output), frozenset(ops),
-                       frozenset(axes), _SPEC_TARGETS.get(spec.specificationVersion))
-
-
-def _walk(block, ops: set[str], axes: set[int]) -> None:
-    scalars = {}
-    for op in block.operations:
-        ops.add(op.type)
-        if op.type == "const" and op.outputs:
-            ints = op.attributes["val"].immediateValue.tensor.ints.values
-            if len(ints) == 1:
-                scalars[op.outputs[0].name] = int(ints[0])
-        elif op.type == "softmax":
-            arg = op.inputs["axis"].arguments[0] if "axis" in op.inputs else None
-            if arg is not None and arg.name in scalars:
-                axes.add(scalars[arg.name])
-        for inner in op.blocks:
-            _walk(inner, ops, axes)
-
-
-def _read_compiled(path: Path) -> PackageInfo:
-    """A compiled model keeps its I/O in metadata.json and its program as text in model.mil."""
-    meta_file, mil = path / "metadata.json", path / "model.mil"
-    inputs: dict = {}
-    outputs: dict = {}
-    target = None
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        meta = meta[0] if isinstance(meta, list) else meta
-        for key, out in (("inputSchema", inputs), ("outputSchema", outputs)):
-            for item in meta.get(key, []):
-                shape = tuple(int(d) for d in re.findall(r"\d+", str(item.get("shape", ""))))
-                out[item["name"]] = (shape, _DTYPES.get(item.get("dataType"), "fp32"))
-        target = meta.get("specificationVersion") and _SPEC_TARGETS.get(int(meta["specificationVersion"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # described as unknown; loading on macOS reads the real thing
-    ops = set(re.findall(r"=\s*([a-z_0-9]+)\(", mil.read_text(encoding="utf-8", errors="replace"))) \
-        if mil.is_file() else set()
-    return PackageInfo(path, inputs, outputs, frozenset(ops), frozenset(), target)
-
-
-def role_by_io(info: PackageInfo) -> str | None:
-    """Apple's I/O contract names each part; chunks are told apart by who feeds whom."""
-    ins, outs = set(info.inputs), set(info.outputs)
-    if "input_ids" in ins:
-        return "text_encoder"
-    if "noise_pred" in outs or {"sample", "timestep"} <= ins:
-        return "unet"
-    if "z" in ins and "image" in outs:
-        return "vae_decoder"
-    if "x" in ins and "latent" in outs:
-        return "vae_encoder"
-    if "clip_input" in ins or "has_nsfw_concepts" in outs:
-        return "safety_checker"
-    return None
-
-
 # --------------------------------------------------------------------------- reading a folder
 def read_layout(path: str | Path, *, family: str | None = None, prediction_type: str | None = None,
                 attention: str | None = None, compiled_ok: bool | None = None,
@@ -269,7 +174,7 @@ def read_layout(path: str | Path, *, family: str | None = None, prediction_type:
         root = path / "Resources" if kind == RESOURCES and not _named_parts(path) else path
         layout = _folder(root, kind, compiled_ok)
         packages = root.parent / "packages"
-        if layout.manifest.get("_refused") and root.name == "compiled" and recognise(packages) == APPLE:
+        if layout.refused and root.name == "compiled" and recognise(packages) == APPLE:
             # An HF repo's compiled/ folder, given directly where Core ML cannot load it: its packages/ sibling.
             layout = _folder(packages, APPLE, compiled_ok)
             layout.notes.append(f"{COMPILED_ONLY_ON_MACOS}: running the .mlpackage siblings in {packages}")
@@ -373,7 +278,7 @@ def _folder(folder: Path, kind: str, compiled_ok: bool) -> Layout:
     layout.unet, unet_note = _unet_parts(chosen, found, kind, folder, refused)
     if unet_note:
         layout.notes.append(unet_note)
-    layout.manifest["_refused"] = refused
+    layout.refused = refused
     return layout
 
 
@@ -394,7 +299,7 @@ def _unet_parts(chosen: dict[str, Path], found: dict, kind: str, folder: Path,
             want = set(range(1, max(max(have), 2) + 1))
             missing = [_part_name(kind, f"{base}_chunk{i}", folder) for i in sorted(want - have)]
             raise InputFileError(f"This {kind} folder is incomplete: {', '.join(missing)} is missing "
-                                 f"(the UNet is split in chunks and only {len(have)} is here).", where=folder,
+                                 "(its UNet is split into chunks, and each one is needed).", where=folder,
                                  fix="download or copy the missing chunk into the folder")
     return [], None
 
@@ -471,7 +376,7 @@ def _mlsd_layout(path: Path) -> Layout:
 
 # --------------------------------------------------------------------------- the inferred manifest
 def _infer_manifest(layout: Layout, family: str | None, prediction_type: str | None, complete: bool) -> None:
-    refused = layout.manifest.pop("_refused", [])
+    refused = layout.refused
     where = layout.root
     if complete:
         if layout.kind == SINGLE:
@@ -493,7 +398,8 @@ def _infer_manifest(layout: Layout, family: str | None, prediction_type: str | N
     te = infos.get(layout.text_encoder)
     unets = [infos[p] for p in layout.unet]
     dec = infos.get(layout.vae_decoder)
-    _check_contract(te, unets, dec, infos.get(layout.vae_encoder), where)
+    # A lone UNet package may be one chunk of several: what it must take or give depends on its place.
+    _check_contract(te, unets if layout.kind != SINGLE else [], dec, infos.get(layout.vae_encoder), where)
     hidden = te.outputs.get("last_hidden_state", ((), ""))[0] if te else ()
     width = hidden[-1] if hidden else None
     if unets and "encoder_hidden_states" in unets[0].inputs:
