@@ -32,6 +32,10 @@ lint: setup
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/mlsd demo
 
+# Retrain the built-in demo model, its LoRA and metrics into mlsd/data/demo/ (CPU, seeded; stage cache in build/).
+demo-model: setup
+	HF_HUB_OFFLINE=1 TQDM_DISABLE=1 $(BIN)/python -m mlsd.demo.train
+
 # make convert MODEL=<name|path> [LORA=name:0.8,other:0.5] [ARGS="--chunks 3 --quantize-bits 6"]
 comma := ,
 convert: setup

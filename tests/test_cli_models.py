@@ -254,7 +254,7 @@ def test_demo_builds_the_model_once_and_writes_an_image(tmp_path, monkeypatch, c
     import mlsd.demo.tiny
     import mlsd.pipeline.request as request_module
 
-    # The demo draws 256x256 in 20 steps (~15 s on a loaded 2-core CPU); shrink only the request it builds,
+    # The demo draws 64x64 in 20 steps; shrink only the request it builds (2 steps),
     # so the model build, the load, the sampling loop and the A1111 save all run for real, quickly.
     real_request = request_module.GenerationRequest
 
@@ -265,7 +265,7 @@ def test_demo_builds_the_model_once_and_writes_an_image(tmp_path, monkeypatch, c
     models_dir, out_dir = tmp_path / "m", tmp_path / "o"
     rc, out, err = run_cli(capsys, "demo", "--models-dir", models_dir, "--output-dir", out_dir, "--no-coreml")
     assert rc == 0, err
-    model = models_dir / "Stable-diffusion" / "mlsd-demo-tiny.safetensors"
+    model = models_dir / "Stable-diffusion" / "mlsd-demo-shapes.safetensors"
     assert model.is_file() and model.with_suffix(".yaml").is_file()
     assert not list(model.parent.glob(".*partial*"))  # the temp names are gone
     images = sorted(out_dir.glob("txt2img-images/*/*.png"))
@@ -284,4 +284,4 @@ def test_demo_builds_the_model_once_and_writes_an_image(tmp_path, monkeypatch, c
     from mlsd.infotext import read_image_parameters
 
     text = read_image_parameters(images[0]).raw
-    assert "Model: mlsd-demo-tiny" in text and f"Model hash: {sha10(model)}" in text
+    assert "Model: mlsd-demo-shapes" in text and f"Model hash: {sha10(model)}" in text

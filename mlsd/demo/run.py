@@ -1,24 +1,65 @@
-"""`mlsd demo`: the main job end to end on a built-in model, offline, in seconds."""
+"""`mlsd demo`: the main job end to end on the built-in model, offline, in seconds.
+
+The built-in model is a tiny SD1-architecture model trained by mlsd itself on synthetic shapes
+(mlsd/demo/train.py, `make demo-model`); it ships as package data and is installed into the models
+directory like any downloaded checkpoint, with its sidecar .yaml and a LoRA that turns every shape green.
+"""
 
 from __future__ import annotations
 
+import filecmp
+import os
+import shutil
 import time
 from pathlib import Path
 
-DEMO_NAME = "mlsd-demo-tiny"
+DEMO_NAME = "mlsd-demo-shapes"
+LORA_NAME = "mlsd-demo-green"
+SHIPPED = Path(__file__).resolve().parent.parent / "data" / "demo"
+PROMPT = "a red circle on a blue background"
+SIZE = 64  # the model was trained at 64x64 (8x8 latents)
+
+
+def shipped_files() -> tuple[Path, Path, Path]:
+    """(checkpoint, sidecar yaml, LoRA) as installed with the package."""
+    from mlsd.errors import InputFileError
+
+    files = (SHIPPED / f"{DEMO_NAME}.safetensors", SHIPPED / f"{DEMO_NAME}.yaml", SHIPPED / f"{LORA_NAME}.safetensors")
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise InputFileError(f"The built-in demo model is missing from the installed package ({missing[0].name}).",
+                             where=missing[0].parent, fix="reinstall mlsd (make setup), or retrain it: make demo-model")
+    return files
+
+
+def _install(source: Path, dest: Path) -> None:
+    """Copy unless an identical file is there (an older demo model of the same name is replaced)."""
+    if dest.is_file() and filecmp.cmp(source, dest, shallow=False):
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.partial")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, dest)
 
 
 def ensure_demo_model(models_root: Path) -> Path:
-    """Write the tiny seeded demo checkpoint (A1111 layout + sidecar yaml) unless it is already there."""
-    from mlsd.demo.tiny import write_checkpoint
-
-    path = models_root / "Stable-diffusion" / f"{DEMO_NAME}.safetensors"
-    if not (path.is_file() and path.with_suffix(".yaml").is_file()):
-        tmp = path.with_name(f".{path.name}.partial.safetensors")
-        write_checkpoint(tmp, "sd1", seed=0)
-        tmp.with_suffix(".yaml").replace(path.with_suffix(".yaml"))
-        tmp.replace(path)  # the checkpoint last: a present .safetensors means a complete pair
+    """Install the trained demo checkpoint (+ sidecar .yaml) and its LoRA into the models directory."""
+    checkpoint, sidecar, lora = shipped_files()
+    path = models_root / "Stable-diffusion" / checkpoint.name
+    _install(sidecar, path.with_suffix(".yaml"))
+    _install(lora, models_root / "Lora" / lora.name)
+    _install(checkpoint, path)  # the checkpoint last: a present .safetensors means a complete set
     return path
+
+
+def describe(image) -> str:
+    """What the shape classifiers read in a demo image, in the prompt's words."""
+    from mlsd.demo.shapes import read_image
+
+    r = read_image(image)
+    if r.colour is None:
+        return f"no shape, a {r.background} background"
+    return f"a {r.colour} {r.shape} on a {r.background} background"
 
 
 def cmd_demo(args) -> int:
@@ -37,17 +78,18 @@ def cmd_demo(args) -> int:
     path = ensure_demo_model(root.root)
     print(f"demo model: {path} ({time.perf_counter() - t0:.1f} s)")
     backend = load_backend(ModelKey(path, device=args.device))
-    request = GenerationRequest(prompt="a red circle on a blue background", negative_prompt="blurry",
-                                steps=20, cfg_scale=7.0, seed=args.seed, sampler="DPM++ 2M Karras",
-                                width=256, height=256)
+    request = GenerationRequest(prompt=args.prompt, negative_prompt="", steps=20, cfg_scale=7.0, seed=args.seed,
+                                sampler="DPM++ 2M Karras", width=SIZE, height=SIZE)
     result = run(backend, request)
     saved = save_result(result, ModelStamp.from_paths(path), outputs_root=args.output_dir)
     print(f"image: {saved.paths[0]}")
+    print(f"prompt: {request.prompt!r}; the image reads as: {describe(result.images[0])}")
     print(f"generated {request.width}x{request.height}, {request.steps} steps, seed {result.seeds[0]}, "
           f"in {result.seconds:.2f} s on {backend.device} ({backend.precision})")
     if not args.no_coreml:
         _coreml_leg(root, path, request, saved.paths[0], args)
-    print("note: the demo model has random weights (it draws noise); it proves the whole path runs offline.")
+    print(f"try: mlsd generate -m {DEMO_NAME} -p \"a yellow star on a black background\" --width {SIZE} "
+          f"--height {SIZE}   (add --lora {LORA_NAME} to turn every shape green)")
     return 0
 
 
@@ -84,13 +126,16 @@ def _coreml_leg(root, checkpoint: Path, request, torch_image: Path, args) -> Non
     b = np.asarray(Image.open(saved.paths[0]).convert("RGB"), np.float64)
     mse = float(((a - b) ** 2).mean())
     db = 100.0 if mse == 0 else 10 * np.log10(255**2 / mse)
-    print(f"image ({backend.name}): {saved.paths[0]} in {result.seconds:.2f} s")
-    print(f"PSNR between the PyTorch and the Core ML image: {db:.1f} dB (per-package figures above; a random-"
-          f"weight model amplifies Core ML's fp16 rounding over {request.steps} steps, so whole images drift apart)")
+    print(f"image ({backend.name}): {saved.paths[0]} in {result.seconds:.2f} s; it reads as: "
+          f"{describe(result.images[0])}")
+    print(f"PSNR between the PyTorch and the Core ML image: {db:.1f} dB (Core ML computes in fp16; per-package "
+          f"figures above)")
 
 
 def add_parser(sub, common) -> None:
-    p = sub.add_parser("demo", help="build the tiny built-in model and generate one image with it")
+    p = sub.add_parser("demo", help="install the built-in shapes model and generate one image with it")
+    p.add_argument("--prompt", default=PROMPT, help="e.g. 'a yellow star on a black background' (shapes: circle, "
+                   "square, triangle, star; 8 colours; backgrounds white, black, gray, blue, yellow, green)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument("--output-dir", type=Path, default=Path("outputs"))

@@ -1,0 +1,251 @@
+"""The built-in demo model follows prompts: semantic checks on images drawn through mlsd's own pipeline.
+
+Images are judged by mlsd.demo.shapes' classifiers (border colour, two-means foreground, template IoU),
+which share nothing with the model. Each comparison carries its own control: the opposite prompt, the
+other strength, the unmasked half, weight 0. The same checks run on the PyTorch backend and on the
+Core ML bundle converted from the shipped file, evaluated by the MIL reference executor.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mlsd.demo import shapes
+from mlsd.demo.run import shipped_files
+from mlsd.pipeline.generate import run
+from mlsd.pipeline.request import GenerationRequest
+
+STEPS = 12
+SIZE = shapes.SIZE
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is fastest, and several crawl when other jobs share the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def torch_backend():
+    from mlsd.session import ModelKey, load_backend
+
+    return load_backend(ModelKey(shipped_files()[0], device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def demo_bundles(tmp_path_factory):
+    """The shipped model (and the model with its LoRA merged) converted at 64x64, once per session."""
+    from converters.cli import quiet_coremltools
+    from converters.coreml.convert import ConvertOptions, convert_checkpoint
+    from mlsd.session import LoraChoice
+
+    quiet_coremltools()
+    checkpoint, _, lora = shipped_files()
+    root = tmp_path_factory.mktemp("demo-bundles")
+    cache = {}
+
+    def make(name: str):
+        if name not in cache:
+            loras = [LoraChoice(lora, 1.0)] if name == "green" else []
+            components = ("text_encoder", "unet", "vae_decoder") if loras else (
+                "text_encoder", "unet", "vae_decoder", "vae_encoder")
+            options = ConvertOptions(sizes=[(SIZE, SIZE)], chunks=1, components=components)
+            cache[name] = convert_checkpoint(checkpoint, root / name, options=options, loras=loras)
+        return cache[name]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def coreml_backend(demo_bundles):
+    from mlsd.backends.coreml_backend import CoreMLBackend
+
+    return CoreMLBackend(demo_bundles("base"), runner="reference")
+
+
+@pytest.fixture(params=["torch", "coreml"])
+def backend(request):
+    return request.getfixturevalue(f"{request.param}_backend")
+
+
+def draw(backend, prompt: str, negative: str = "", *, n: int = 4, seed: int = 1, cfg: float = 7.0,
+         steps: int = STEPS, sampler: str = "DPM++ 2M Karras", **kw) -> list[Image.Image]:
+    request = GenerationRequest(prompt=prompt, negative_prompt=negative, steps=steps, cfg_scale=cfg, seed=seed,
+                                sampler=sampler, width=SIZE, height=SIZE, batch_size=n, **kw)
+    return run(backend, request).images
+
+
+def mean_redness(images) -> float:
+    return float(np.mean([shapes.redness(im) for im in images]))
+
+
+def colours(images) -> list[str | None]:
+    return [shapes.read_image(im).colour for im in images]
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), np.float64)
+
+
+# ---- the shipped files ------------------------------------------------------------------------------------
+
+
+def test_shipped_files_are_an_a1111_checkpoint_with_sidecar_and_a_kohya_lora():
+    import yaml
+    from safetensors import safe_open
+
+    from mlsd.checkpoints.read import read_weights
+    from mlsd.lora import read_lora_file
+
+    checkpoint, sidecar, lora = shipped_files()
+    assert checkpoint.stat().st_size + lora.stat().st_size <= 25 * 2**20
+    with safe_open(str(checkpoint), "pt") as f:
+        keys = list(f.keys())
+    assert {k.split(".")[0] for k in keys} >= {"model", "first_stage_model", "cond_stage_model"}
+    assert yaml.safe_load(sidecar.read_text())["model"]["params"]["unet_config"]["params"]["context_dim"] == 64
+    parsed = read_lora_file(lora)
+    assert parsed.formats == ("lora",) and parsed.summary.network_module == "networks.lora"
+    assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
+               for k in read_weights(lora).tensors)
+
+
+def test_recorded_metrics_meet_the_bar():
+    import json
+
+    metrics = json.loads((shipped_files()[0].parent / "metrics.json").read_text())
+    assert metrics["setup"]["steps"] == 20 and metrics["setup"]["cfg_scale"] == 7.0
+    assert metrics["base"]["colour_accuracy"] >= 0.9 and metrics["base"]["shape_accuracy"] >= 0.7
+    assert metrics["lora_green_weight_1"]["green_fraction"] > metrics["base"]["green_fraction"] + 0.5
+
+
+def test_demo_installs_the_shipped_model_once_and_replaces_a_stale_one(tmp_path):
+    from mlsd.demo.run import DEMO_NAME, ensure_demo_model
+
+    path = ensure_demo_model(tmp_path)
+    assert path == tmp_path / "Stable-diffusion" / f"{DEMO_NAME}.safetensors"
+    assert path.read_bytes() == shipped_files()[0].read_bytes()
+    assert path.with_suffix(".yaml").read_bytes() == shipped_files()[1].read_bytes()
+    assert (tmp_path / "Lora" / shipped_files()[2].name).read_bytes() == shipped_files()[2].read_bytes()
+    stamp = path.stat().st_mtime_ns
+    ensure_demo_model(tmp_path)
+    assert path.stat().st_mtime_ns == stamp  # identical: not copied again
+    path.write_bytes(b"an older demo model")
+    ensure_demo_model(tmp_path)
+    assert path.read_bytes() == shipped_files()[0].read_bytes()
+    assert not list(tmp_path.rglob(".*partial*"))
+
+
+# ---- prompts, negative prompts, guidance --------------------------------------------------------------------
+
+
+def test_red_prompts_are_red_and_blue_prompts_blue(backend):
+    red = draw(backend, "a red circle on a white background")
+    blue = draw(backend, "a blue circle on a white background")
+    assert mean_redness(red) > mean_redness(blue) + 0.1
+    assert colours(red).count("red") >= 3 and colours(blue).count("blue") >= 3
+
+
+def test_shapes_follow_the_prompt(backend):
+    for shape in ("circle", "square"):
+        readings = [shapes.read_image(im) for im in draw(backend, f"a yellow {shape} on a black background")]
+        assert sum(r.shape == shape for r in readings) >= 3, (shape, readings)
+
+
+def test_negative_prompt_red_lowers_redness(backend):
+    plain = draw(backend, "a circle on a white background", n=6, seed=20)
+    steered = draw(backend, "a circle on a white background", "red", n=6, seed=20)
+    assert mean_redness(steered) < mean_redness(plain) - 0.02
+    assert colours(steered).count("red") < max(colours(plain).count("red"), 1)
+
+
+def test_guidance_7_follows_the_prompt_more_than_guidance_1(backend):
+    prompts = ["a purple star on a yellow background", "a cyan square on a black background"]
+    adherence = {}
+    for cfg in (1.0, 7.0):
+        hits = 0.0
+        for prompt in prompts:
+            colour = prompt.split()[1]
+            hits += np.mean([shapes.colour_affinity(im, colour) for im in draw(backend, prompt, cfg=cfg, seed=7)])
+        adherence[cfg] = hits / len(prompts)
+    assert adherence[7.0] > adherence[1.0] + 0.02, adherence
+
+
+# ---- samplers ---------------------------------------------------------------------------------------------
+
+
+def test_every_sampler_reaches_the_prompted_colour_and_shape(torch_backend):
+    from mlsd.pipeline.samplers import SAMPLERS
+
+    misses = []
+    for name in SAMPLERS:
+        images = draw(torch_backend, "a red square on a white background", n=2, seed=3, sampler=name, steps=15)
+        readings = [shapes.read_image(im) for im in images]
+        if not all(r.colour == "red" for r in readings) or not any(r.shape == "square" for r in readings):
+            misses.append((name, [(r.colour, r.shape) for r in readings]))
+    assert not misses
+
+
+# ---- LoRA -------------------------------------------------------------------------------------------------
+
+
+def test_lora_turns_shapes_green_at_weight_1_and_is_the_base_at_weight_0(torch_backend):
+    from mlsd.session import LoraChoice, ModelKey, load_backend
+
+    checkpoint, _, lora = shipped_files()
+    prompt = "a red circle on a white background"
+    base = draw(torch_backend, prompt)
+    zero = draw(load_backend(ModelKey(checkpoint, loras=(LoraChoice(lora, 0.0),), device="cpu")), prompt)
+    green = draw(load_backend(ModelKey(checkpoint, loras=(LoraChoice(lora, 1.0),), device="cpu")), prompt)
+    assert all(np.array_equal(pixels(a), pixels(b)) for a, b in zip(base, zero))
+    assert colours(base).count("green") == 0 and colours(green).count("green") >= 3
+    assert np.mean([shapes.colour_affinity(im, "green") for im in green]) > 0.1
+
+
+def test_lora_merged_into_a_core_ml_bundle_turns_shapes_green(demo_bundles):
+    from mlsd.backends.coreml_backend import CoreMLBackend
+
+    backend = CoreMLBackend(demo_bundles("green"), runner="reference")
+    assert colours(draw(backend, "a red circle on a white background")).count("green") >= 3
+
+
+# ---- img2img and inpainting ---------------------------------------------------------------------------------
+
+
+def _init_image() -> Image.Image:
+    return shapes.render(shapes.Scene("square", "blue", "white", 32, 32, 18))
+
+
+def test_img2img_low_strength_keeps_the_image_and_high_strength_follows_the_prompt(backend):
+    init = _init_image()
+    prompt = "a red circle on a white background"
+    low = draw(backend, prompt, init_image=init, strength=0.2, steps=20)
+    high = draw(backend, prompt, init_image=init, strength=0.9, steps=20)
+    diff_low = np.mean([np.abs(pixels(im) - pixels(init)).mean() for im in low])
+    diff_high = np.mean([np.abs(pixels(im) - pixels(init)).mean() for im in high])
+    assert diff_low < 20 and diff_high > 2 * diff_low
+    assert colours(low).count("blue") >= 3 and [shapes.read_image(im).shape for im in low].count("square") >= 3
+    assert colours(high).count("red") >= 3
+
+
+def test_inpainting_changes_the_masked_region_and_keeps_the_rest(backend):
+    init = _init_image()
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    mask.paste(255, (8, 8, 56, 56))
+    images = draw(backend, "a red circle on a white background", init_image=init, mask=mask, strength=1.0,
+                  steps=20, mask_blur=2)
+    inside = np.zeros((SIZE, SIZE), bool)
+    inside[16:48, 16:48] = True
+    outside = np.ones((SIZE, SIZE), bool)
+    outside[4:60, 4:60] = False  # beyond the blur: A1111's overlay pastes the original back
+    before = pixels(init)
+    for im in images:
+        after = pixels(im)
+        assert np.array_equal(after[outside], before[outside])
+        red_inside = (after[inside][:, 0] - after[inside][:, 1:].mean(1)).mean()
+        assert red_inside > (before[inside][:, 0] - before[inside][:, 1:].mean(1)).mean() + 60
