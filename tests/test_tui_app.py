@@ -243,7 +243,7 @@ MISTAKES = [
     # mlsd says "use --backend torch" to the CLI; the TUI names its form field
     ("backend", "coreml", "Backend coreml needs a Core ML bundle"),
     ("clip-skip", "0", "clip skip 0 < 1"),
-    ("model", "Core-ML/tiny-split_einsum-512x512", "Not an mlsd Core ML bundle (no mlsd.json)"),  # keep last
+    ("model", "Core-ML/tiny-split_einsum-512x512", "No Core ML model here (no mlsd.json"),  # keep last
 ]
 
 
@@ -458,7 +458,9 @@ def test_help_and_models_screens(tmp_path, models, cache):
     assert help_name == "HelpScreen" and back == "generate-screen"
     assert row == ["checkpoint", "tiny", "SD 1.x", model_short_hash(models / "Stable-diffusion" / "tiny.safetensors"),
                    "tiny-split_einsum-512x512"]
-    assert bundle_row[0] == "Core ML" and bundle_row[2] == "Core ML bundle"
+    # an empty folder in Core-ML/ is no Core ML model: said in the row, as `mlsd models` says it
+    assert bundle_row[:3] == ["Core ML", "tiny-split_einsum-512x512", "unreadable"]
+    assert bundle_row[4].startswith("No Core ML model here")
 
 
 def test_convert_screen_says_when_the_converter_is_missing(tmp_path, models, cache, monkeypatch):

@@ -9,6 +9,7 @@ from mlsd.errors import MlsdError
 from mlsd.paths import ModelsDir
 
 _FAMILY_BADGES = {"sd1": "SD 1.x", "sd2": "SD 2.x"}
+MLSD = "mlsd bundle"  # mlsd.coreml.layouts.MLSD; importing that module would load torch at startup
 
 
 @dataclass
@@ -18,6 +19,7 @@ class ModelEntry:
     family: str | None = None  # a short badge such as "SD 1.x inpaint"
     error: str | None = None  # why the file could not be described
     coreml: list[Path] = field(default_factory=list)  # Core ML bundles converted from this checkpoint
+    layout: dict | None = None  # a Core ML folder's summary, as `mlsd models` lists it (mlsd.coreml.layouts)
 
     @property
     def name(self) -> str:
@@ -26,10 +28,37 @@ class ModelEntry:
     @property
     def badge(self) -> str:
         if self.kind == "coreml":
-            return "Core ML bundle"
+            return " · ".join(w for w in (self._coreml_kind, "unreadable" if self.error else self.family) if w)
         if self.error:
             return "unreadable"
         return self.family or ""
+
+    @property
+    def _coreml_kind(self) -> str:
+        if self.layout is None:
+            return "Core ML"  # not described yet (or unreadable)
+        if self.layout["layout"] == MLSD:
+            return "Core ML bundle"
+        return f"Core ML {self.layout['layout']}"  # converted elsewhere: which tool's folder it is
+
+    @property
+    def coreml_detail(self) -> str:
+        """A Core ML folder in one line: what `mlsd models` says after the family."""
+        s = self.layout
+        if not s:
+            return ""
+        words = [s.get("layout"), s.get("size"), s.get("attention"), f"compute unit {s.get('compute_unit')}"]
+        if s.get("chunks", 1) > 1:
+            words.append(f"{s['chunks']} UNet chunks")
+        if s.get("palettized"):
+            words.append("palettized")
+        if s.get("controlnet_ready"):
+            words.append("ControlNet-ready UNet")
+        if s.get("ignored"):
+            words.append(f"ignored: {', '.join(s['ignored'])}")
+        if s.get("runs_here") is False:
+            words.append("(compiled: macOS only)")
+        return " ".join(str(w) for w in words if w)
 
     @property
     def label(self) -> str:
@@ -47,7 +76,8 @@ def bundles_for(checkpoint: Path, bundles: list[Path]) -> list[Path]:
 
 
 def list_models(root: ModelsDir, extra: list[Path] = ()) -> list[ModelEntry]:
-    """Directory listing only (fast): checkpoints then Core ML bundles, no file is opened.
+    """Directory listing only (fast): checkpoints then Core ML folders (mlsd's bundles and those converted
+    elsewhere), no file is opened.
 
     ``extra``: paths outside the folder (a --model PATH) that are not listed there already.
     """
@@ -65,14 +95,15 @@ def _is_bundle(path: Path) -> bool:
 
 
 def describe_entry(entry: ModelEntry) -> ModelEntry:
-    """Fill in the family (reads the file's tensor names and shapes; no hashing)."""
-    if entry.kind not in ("checkpoint", "lora", "vae"):
-        return entry
+    """Fill in the family (reads the file's tensor names and shapes, or a Core ML folder's package specs;
+    no hashing, no weights)."""
     from mlsd.describe import describe
     from tui.workers import warm_imports
 
     warm_imports()
     try:
+        if entry.kind == "coreml":
+            return _describe_coreml(entry)
         info = describe(entry.path, with_hash=False)
     except MlsdError as e:
         entry.error = e.what
@@ -85,6 +116,19 @@ def describe_entry(entry: ModelEntry) -> ModelEntry:
         entry.family = f"{family} inpaint" if info.get("inpainting") else family
     else:
         entry.family = info.get("kind")
+    return entry
+
+
+def _describe_coreml(entry: ModelEntry) -> ModelEntry:
+    from mlsd.coreml.layouts import describe_folder
+
+    entry.layout = describe_folder(entry.path)
+    family = _FAMILY_BADGES.get(str(entry.layout.get("family")), entry.layout.get("family"))
+    size = entry.layout.get("size")
+    words = [family, "inpaint" if entry.layout.get("inpainting") else "", size]
+    if any("--family" in note for note in entry.layout.get("notes", [])):
+        words.append("(family assumed)")  # its text width names no family; the Family field sets it
+    entry.family = " ".join(w for w in words if w)
     return entry
 
 

@@ -25,6 +25,7 @@ GENERATE_FIELDS: dict[str, tuple[str, str | None]] = {
     "--lora": ("LoRAs", r"[A-Z]+:[A-Z]+|[\w.-]+:[\d.]+"),
     "--vae": ("VAE", None),
     "--model": ("Model", None),
+    "--family": ("Family", _choices("sd1", "sd2")),
     "--prompt": ("Prompt", None),
     "--negative-prompt": ("Negative prompt", None),
     "--sampler/--schedule-type": ("Sampler", None),

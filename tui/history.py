@@ -20,7 +20,7 @@ from tui.settings import FormValues
 MAX_RECORDS = 2000  # the oldest are dropped; a record is only a convenience for "reuse"
 # The form fields a PNG's parameters do not carry (or carry only as a name that may be ambiguous).
 # Not the batch: reusing one image means making that image again.
-RECORDED = ("model", "backend", "compute_unit", "device", "vae", "init_image", "mask")
+RECORDED = ("model", "family", "backend", "compute_unit", "device", "vae", "init_image", "mask")
 _LOCK = threading.Lock()
 
 

@@ -24,7 +24,8 @@ class FormValues:
 
     prompt: str = ""
     negative_prompt: str = ""
-    model: str = ""  # path or name of a checkpoint, or a Core ML bundle folder
+    model: str = ""  # path or name of a checkpoint, or a Core ML folder (mlsd's bundle or converted elsewhere)
+    family: str = ""  # "" (the model says) | sd1 | sd2: for Core ML folders whose text width names no family
     sampler: str = DEFAULT_SAMPLER
     steps: int = 20
     cfg_scale: float = 7.0

@@ -94,7 +94,7 @@ def open_image(text: str, label: str):
 def resolve_job(job: GenerationJob) -> Resolved:
     """Everything that can be checked before a model loads: names, files, LoRAs, request values, and which
     backend runs it (a bundle with LoRAs, or a backend the model cannot use, is refused here)."""
-    from mlsd.backends.coreml_backend import is_bundle
+    from mlsd.backends.coreml_backend import is_bundle, is_coreml_model
     from mlsd.cli_generate import resolve_model
     from mlsd.pipeline.request import GenerationRequest
     from mlsd.prompts import extract_lora_tags
@@ -105,9 +105,12 @@ def resolve_job(job: GenerationJob) -> Resolved:
         raise UsageError("No model selected.", where="Model",
                          fix=f"put a checkpoint in {root.folder('checkpoint')} or start with --model PATH")
     model = resolve_model(root, form.model)
-    if model.is_dir() and not is_bundle(model) and not (model / "model_index.json").is_file():
-        raise InputFileError("Not an mlsd Core ML bundle (no mlsd.json), nor a diffusers folder.", where=model,
-                             fix="convert a checkpoint to a bundle (F5), or pick a checkpoint")
+    foreign = model.is_dir() and not is_bundle(model) and is_coreml_model(model)  # converted elsewhere
+    if model.is_dir() and not is_coreml_model(model) and not (model / "model_index.json").is_file():
+        raise InputFileError("No Core ML model here (no mlsd.json, no .mlpackage or .mlmodelc parts), nor a "
+                             "diffusers folder.", where=model,
+                             fix="convert a checkpoint to a bundle (F5), pick a checkpoint, or put a whole Core ML "
+                                 "folder (Apple's converted folder or a Resources folder) there")
     vae = root.resolve(form.vae, "vae") if form.vae else None
     prompt, tags = extract_lora_tags(form.prompt)
     negative, negative_tags = extract_lora_tags(form.negative_prompt)
@@ -124,7 +127,8 @@ def resolve_job(job: GenerationJob) -> Resolved:
         raise UsageError(f"Mask size {request.mask.size} differs from the init image size "
                          f"{request.init_image.size}.", where=form.mask, fix="use a mask of the same size")
     key = ModelKey(model, vae, tuple(loras), device=form.device, backend=form.backend or "auto",
-                   compute_unit=form.compute_unit or "auto", size=request.output_size)
+                   compute_unit=form.compute_unit or "auto", size=request.output_size,
+                   family=(form.family or None) if foreign else None)  # the others name their own family
     backend, _, why = choose_backend(key)
     return Resolved(request, model, vae, loras, key, backend, why)
 

@@ -121,8 +121,10 @@ class GenerateScreen(Screen):
         progress = self.query_one(GenerationProgress)
         progress.backend = message.backend
         progress.set_status(f"Loading {message.model.name} on {message.backend} ({message.why})...")
-        if (message.model / "mlsd.json").is_file():  # a bundle: where it runs is a choice worth saying
-            self.notify(f"{message.backend}: {message.why}", title="Core ML bundle", timeout=6, markup=False)
+        if (message.model / "mlsd.json").is_file() or (message.model.is_dir() and message.backend != "torch"):
+            # a Core ML folder: where it runs is a choice worth saying
+            title = "Core ML bundle" if (message.model / "mlsd.json").is_file() else "Core ML converted elsewhere"
+            self.notify(f"{message.backend}: {message.why}", title=title, timeout=6, markup=False)
 
     def on_generation_preview(self, message: Generation.Preview) -> None:
         self.query_one(ImageView).show(message.image, f"preview · step {message.step}/{message.total}")

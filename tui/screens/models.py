@@ -1,4 +1,5 @@
-"""The models directory: family, A1111 hash (computed in the background, cached) and Core ML bundles."""
+"""The models directory: family, A1111 hash (computed in the background, cached) and Core ML folders (mlsd's
+bundles and those converted elsewhere, with their layout, size and attention as `mlsd models` lists them)."""
 
 from __future__ import annotations
 
@@ -59,13 +60,14 @@ class ModelsScreen(Screen):
         table.clear()
         for e in self.entries:
             coreml = (", ".join(b.name for b in e.coreml) or "no") if e.kind == "checkpoint" else ""
-            family = "Core ML bundle" if e.kind == "coreml" else "..."
-            hash_cell = "" if e.kind == "coreml" else "..."
+            coreml = "..." if e.kind == "coreml" else coreml  # its layout, once described
+            family = "..."
+            hash_cell = "" if e.kind == "coreml" else "..."  # a folder has no single file for A1111's hash
             table.add_row(KIND_LABELS[e.kind], Text(e.name), family, hash_cell, Text(coreml), key=str(e.path))
         if not self.entries:
             table.add_row("", Text(f"nothing in {root.root} (A1111 layout: Stable-diffusion/, Lora/, VAE/)"),
                           "", "", "")
-        self._describe_and_hash([e for e in self.entries if e.kind != "coreml"])
+        self._describe_and_hash(self.entries)
 
     @work(thread=True, exclusive=True, group="models", exit_on_error=False)
     def _describe_and_hash(self, entries: list[ModelEntry]) -> None:
@@ -74,7 +76,7 @@ class ModelsScreen(Screen):
             if worker.is_cancelled:
                 return
             self.post_message(Catalog.Scanned([describe_entry(entry)]))
-        hash_models([(e.path, e.kind) for e in entries if e.error is None], self.post_message,
+        hash_models([(e.path, e.kind) for e in entries if e.error is None and e.kind != "coreml"], self.post_message,
                     lambda: worker.is_cancelled)
 
     def _set(self, path: Path, column: str, value) -> None:
@@ -86,7 +88,12 @@ class ModelsScreen(Screen):
 
     def on_catalog_scanned(self, message: Catalog.Scanned) -> None:
         for entry in message.entries:
-            family = Text(f"unreadable: {entry.error}", style="red") if entry.error else Text(entry.family or "?")
+            if entry.kind == "coreml":  # the reason goes in the last column, where a long line fits
+                family = Text("unreadable", style="red") if entry.error else Text(entry.family or "?")
+                detail = Text(entry.error, style="red") if entry.error else Text(entry.coreml_detail)
+                self._set(entry.path, "Core ML", detail)
+            else:
+                family = Text(f"unreadable: {entry.error}", style="red") if entry.error else Text(entry.family or "?")
             self._set(entry.path, "Family", family)
             if entry.error:
                 self._set(entry.path, "Hash", "")

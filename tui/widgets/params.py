@@ -20,6 +20,8 @@ SIZE_PRESETS = ("512x512", "512x768", "768x512", "768x768", "640x640", "1024x102
 # mlsd.backends.coreml_backend.COMPUTE_UNITS; importing that module would load torch at startup
 COMPUTE_UNITS = ("auto", "ane", "gpu", "cpu", "all")
 DEVICES = ("auto", "cuda", "mps", "cpu")
+# mlsd.families.FAMILIES, for Core ML folders converted elsewhere ("": what the model's specs say)
+FAMILIES = (("from the model", ""), ("SD 1.x", "sd1"), ("SD 2.x", "sd2"))
 # Input id -> (FormValues field, label shown in errors, parser)
 NUMBERS = {
     "steps": ("steps", "Steps", int), "cfg": ("cfg_scale", "CFG scale", float), "seed": ("seed", "Seed", int),
@@ -28,9 +30,9 @@ NUMBERS = {
     "strength": ("strength", "Strength", float), "clip-skip": ("clip_skip", "Clip skip", int),
 }  # fmt: skip
 TEXTS = {"loras": "loras", "init-image": "init_image", "mask": "mask"}
-SELECTS = (("model", "model"), ("sampler", "sampler"), ("vae", "vae"), ("backend", "backend"),
+SELECTS = (("model", "model"), ("family", "family"), ("sampler", "sampler"), ("vae", "vae"), ("backend", "backend"),
            ("compute-unit", "compute_unit"), ("device", "device"))  # (Select id, FormValues field)
-SELECT_LABELS = {"model": "Model", "sampler": "Sampler", "vae": "VAE", "backend": "Backend",
+SELECT_LABELS = {"model": "Model", "family": "Family", "sampler": "Sampler", "vae": "VAE", "backend": "Backend",
                  "compute-unit": "Compute", "device": "Device"}
 
 
@@ -63,6 +65,11 @@ class ParamsForm(VerticalScroll, can_focus=False):
         yield Static("Model", classes="section")
         yield Select(models, prompt="(no models found)", allow_blank=True, id="model", compact=True,
                      value=v.model if v.model in {m[1] for m in models} else Select.NULL)
+        families = {value for _, value in FAMILIES}
+        yield _row("Family", Select(FAMILIES, allow_blank=False, id="family", compact=True,
+                                    value=v.family if v.family in families else "",
+                                    tooltip="Core ML folders converted elsewhere whose text width names no family "
+                                            "(their listing says \"family assumed\"); others say it themselves"))
         yield Static("Sampling", classes="section")
         yield _row("Sampler", Select(_options(samplers), allow_blank=False, id="sampler", compact=True,
                                      value=v.sampler if v.sampler in samplers else samplers[0]))
@@ -91,7 +98,8 @@ class ParamsForm(VerticalScroll, can_focus=False):
         yield _row("Backend", Select(_options(BACKENDS), allow_blank=False, id="backend", compact=True,
                                      value=v.backend if v.backend in BACKENDS else "auto",
                                      tooltip="auto: a Core ML bundle runs on Core ML on macOS, elsewhere on its "
-                                             "source checkpoint (or the reference executor)"))
+                                             "source checkpoint (or the reference executor, as Core ML folders "
+                                             "converted elsewhere do)"))
         yield _row("Compute", Select(_options(COMPUTE_UNITS), allow_blank=False, id="compute-unit",
                                           compact=True, tooltip="Core ML only: where a bundle runs",
                                           value=v.compute_unit if v.compute_unit in COMPUTE_UNITS else "auto"))
@@ -153,7 +161,8 @@ class ParamsForm(VerticalScroll, can_focus=False):
         return value is not None and str(value) in self._choices(widget_id)
 
     def _choices(self, widget_id: str) -> set[str]:
-        return {"model": {str(e.path) for e in self._entries}, "sampler": set(sampler_names()),
+        return {"model": {str(e.path) for e in self._entries}, "family": {value for _, value in FAMILIES},
+                "sampler": set(sampler_names()),
                 "vae": {"", *(p.name for p in self._vaes)}, "backend": set(BACKENDS),
                 "compute-unit": set(COMPUTE_UNITS), "device": set(DEVICES)}[widget_id]
 
