@@ -555,7 +555,11 @@ def main(argv: list[str] | None = None) -> int:
     }, indent=2) + "\n", encoding="utf-8")
     if not args.skip_eval:
         t0 = time.perf_counter()
-        metrics = {"setup": {"steps": cfg.eval_steps, "cfg_scale": cfg.eval_cfg, "sampler": cfg.eval_sampler,
+        from mlsd.hashes import file_sha256
+
+        metrics = {"checkpoint_sha256": file_sha256(model_path, cache=False),
+                   "lora_sha256": file_sha256(lora_path, cache=False),
+                   "setup": {"steps": cfg.eval_steps, "cfg_scale": cfg.eval_cfg, "sampler": cfg.eval_sampler,
                              "size": shapes.SIZE, "seeds_per_prompt": cfg.eval_seeds, "backend": "torch (cpu, fp32)"},
                    "base": evaluate(cfg, model_path), "lora_green_weight_1": evaluate(cfg, model_path, lora_path)}
         metrics["seconds"] = round(time.perf_counter() - t0, 1)
