@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 # pip prints one harmless warning per package for this machine's file:// mirrors; keep the log readable.
 QUIET_PIP := { grep -v "^WARNING: Location 'file:" || true; }
 
-.PHONY: setup test lint demo convert tui clean
+.PHONY: setup test lint demo convert tui bench clean
 
 setup: $(STAMP)
 
@@ -27,7 +27,7 @@ test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 lint: setup
-	$(BIN)/ruff check mlsd converters tui tests tools
+	$(BIN)/ruff check mlsd converters tui tests tools bench
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/mlsd demo
@@ -45,6 +45,10 @@ convert: setup
 # make tui [ARGS="--models-dir ~/stable-diffusion-webui/models --model v1-5-pruned-emaonly"]
 tui: setup
 	HF_HUB_OFFLINE=1 $(BIN)/mlsd tui $(ARGS)
+
+# make bench [ARGS="--only generation,conversion,quantized,executor"]: ~30 min on 2 cores, writes docs/benchmarks.md
+bench: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.run $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

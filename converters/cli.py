@@ -26,6 +26,8 @@ def add_parser(sub, common) -> None:
     p.add_argument("--components", default="text_encoder,unet,vae_decoder,vae_encoder")
     p.add_argument("--min-target", default="macOS14")
     p.add_argument("--clip-skip", type=int, default=1)
+    p.add_argument("--prompt-chunks", type=int, default=1,
+                   help="prompts up to N x 75 tokens on Core ML (one UNet function each; needs macOS15)")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"])
     p.add_argument("--ema", action="store_true")
     p.add_argument("--resources", action="store_true", help="also compile Resources/*.mlmodelc (macOS only)")
@@ -114,6 +116,7 @@ def cmd_convert(args) -> int:
         sizes=parse_sizes(args.sizes, args.width, args.height),
         components=tuple(c.strip() for c in args.components.split(",") if c.strip()),
         min_target=args.min_target, clip_skip=args.clip_skip, resources=args.resources,
+        prompt_chunks=args.prompt_chunks,
     )
     options.validate()
     root = models_dir(args.models_dir)

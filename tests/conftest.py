@@ -59,7 +59,7 @@ def tiny_bundles(tiny_checkpoints, tmp_path_factory):
     def make(name: str, family: str = "sd1", inpainting: bool = False, loras=(), **options):
         if name not in cache:
             path, _ = tiny_checkpoints(family, inpainting)
-            opts = ConvertOptions(sizes=[(64, 64)], **options)
+            opts = ConvertOptions(**({"sizes": [(64, 64)]} | options))
             cache[name] = convert_checkpoint(path, root / name, options=opts, loras=list(loras))
         return cache[name]
 

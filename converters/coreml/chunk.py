@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import coremltools as ct
@@ -272,19 +272,6 @@ def _carve(program: Program, plan: ChunkPlan, k: int) -> Program:
     return program
 
 
-def split_program(
-    program: Program, plan: ChunkPlan, *, fresh: Callable[[], Program] | None = None
-) -> list[Program]:
-    """Chunk programs for `plan`; consumes `program` (it becomes the last chunk). For n > 1, `fresh()`
-    must return an independent copy per call (e.g. `lambda: load_program(mlmodel)`): carving mutates,
-    and `copy.deepcopy` overflows the recursion limit on UNet-sized graphs."""
-    if plan.n == 1:
-        return [program]
-    if fresh is None:
-        raise ValueError("split_program needs fresh() to copy the program for n > 1")
-    return [_carve(fresh() if k < plan.n - 1 else program, plan, k) for k in range(plan.n)]
-
-
 def load_program(mlmodel: ct.models.MLModel) -> Program:
     spec = mlmodel.get_spec()
     return _milproto_load(spec, spec.specificationVersion, mlmodel.weights_dir)
@@ -306,7 +293,7 @@ def _convert(program: Program, target, passes: list[str], precision=ct.precision
     )
 
 
-def split_mlmodel(
+def iter_chunks(
     model: ct.models.MLModel | Program,
     n: int,
     *,
@@ -314,9 +301,12 @@ def split_mlmodel(
     precision: ct.precision = ct.precision.FLOAT16,
     max_chunk_bytes: int = GIB,
     tolerance: float = _BALANCE,
-) -> tuple[list[ct.models.MLModel], ChunkPlan]:
-    """Split a converted ML program into n mlprogram chunks, chained by tensor name.
+) -> tuple[ChunkPlan, Iterator[ct.models.MLModel]]:
+    """Plan n weight-balanced chunks of a converted ML program, then make them one at a time.
 
+    Each chunk is carved from a fresh load of the saved model (carving mutates, and `copy.deepcopy`
+    overflows the recursion limit on UNet-sized graphs), so at most one full copy of the weights and
+    one chunk are in memory, whatever n is: save each chunk and drop it before asking for the next.
     `model` may also be a pymil Program (e.g. fp32 from `convert_to="milinternal"`): it is first lowered
     to `precision` in one conversion (which mutates it) so every chunk is planned on its on-disk bytes.
     Chunk boundaries are fp32 whatever the compute precision.
@@ -324,14 +314,25 @@ def split_mlmodel(
     if isinstance(model, Program):
         model = _convert(model, minimum_target, _LOWER_FP16, precision)
     target = minimum_target or ct.target(model.get_spec().specificationVersion)
-    program = load_program(model)
-    plan = plan_chunks(program, n, tolerance=tolerance)
+    plan = plan_chunks(load_program(model), n, tolerance=tolerance)
     too_big = [i for i, b in enumerate(plan.bytes) if b > max_chunk_bytes]
     if too_big:
         need = max(n + 1, math.ceil(plan.total_bytes * (1 + tolerance) / max_chunk_bytes))
         raise ValueError(f"chunks {too_big} exceed {max_chunk_bytes} bytes ({plan.bytes}); try n >= {need}")
     if n == 1:
-        return [model], plan
-    # The source was optimised already; a full pipeline per chunk would cost minutes on a real UNet.
-    parts = split_program(program, plan, fresh=lambda: load_program(model))
-    return [_convert(part, target, []) for part in parts], plan
+        return plan, iter([model])
+
+    def chunks() -> Iterator[ct.models.MLModel]:
+        for k in range(plan.n):
+            # The source was optimised already; a full pipeline per chunk would cost minutes on a real UNet.
+            part = _convert(_carve(load_program(model), plan, k), target, [])
+            part._mil_program = None  # its weights are in the part's package already
+            yield part
+
+    return plan, chunks()
+
+
+def split_mlmodel(model: ct.models.MLModel | Program, n: int, **options) -> tuple[list[ct.models.MLModel], ChunkPlan]:
+    """All chunks at once (small models, tests); see `iter_chunks` for the options and for big models."""
+    plan, chunks = iter_chunks(model, n, **options)
+    return list(chunks), plan

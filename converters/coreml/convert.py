@@ -6,7 +6,6 @@ the ANE-friendly module, export, convert, (quantize, chunk), save, log timing.
 
 from __future__ import annotations
 
-import gc
 import logging
 import shutil
 import sys
@@ -37,6 +36,7 @@ class ConvertOptions:
     min_target: str = "macOS14"
     clip_skip: int = 1
     resources: bool = False
+    prompt_chunks: int = 1  # UNet functions for 1..N chunks of 75 prompt tokens (A1111's long prompts)
 
     def validate(self) -> None:
         if self.attention not in ATTENTIONS:
@@ -62,6 +62,14 @@ class ConvertOptions:
             raise UsageError(
                 f"Several sizes need a multifunction package, which Core ML supports from macOS15/iOS18; "
                 f"--min-target is {self.min_target}.", where="--sizes", fix="add --min-target macOS15, or one size")
+        if not 1 <= self.prompt_chunks <= 4:
+            raise UsageError(f"--prompt-chunks {self.prompt_chunks} is outside 1-4.", where="--prompt-chunks",
+                             fix="use 1 (75 tokens, the usual) to 4 (300 tokens)")
+        if self.prompt_chunks > 1 and self.min_target not in MULTIFUNCTION_TARGETS:
+            raise UsageError(
+                f"Long prompts need one UNet function per prompt length (a multifunction package), which Core ML "
+                f"supports from macOS15/iOS18; --min-target is {self.min_target}.", where="--prompt-chunks",
+                fix="add --min-target macOS15, or drop --prompt-chunks")
         if self.resources and sys.platform != "darwin":
             raise UsageError("--resources compiles .mlmodelc folders, which needs macOS (Core ML's compiler).",
                              where="--resources", fix="run the conversion on a Mac, or drop --resources")
@@ -72,7 +80,16 @@ class ConvertOptions:
     def tag(self) -> str:
         w, h = self.sizes[0]
         size = f"{w}x{h}" if len(self.sizes) == 1 else f"{len(self.sizes)}sizes"
-        return f"{self.attention}-{size}" + (f"-q{self.quantize_bits}" if self.quantize_bits else "")
+        return (f"{self.attention}-{size}" + (f"-t{75 * self.prompt_chunks}" if self.prompt_chunks > 1 else "")
+                + (f"-q{self.quantize_bits}" if self.quantize_bits else ""))
+
+    def unet_functions(self) -> list[tuple[str, tuple[int, int], int]]:
+        """(function name, (width, height), context tokens) for every UNet function: "main" alone for
+        one size and one prompt chunk; else "WxH", and "WxH-t<tokens>" for the longer contexts."""
+        if len(self.sizes) == 1 and self.prompt_chunks == 1:
+            return [("main", self.sizes[0], 77)]
+        return [(f"{w}x{h}" + (f"-t{77 * k}" if k > 1 else ""), (w, h), 77 * k)
+                for w, h in self.sizes for k in range(1, self.prompt_chunks + 1)]
 
 
 def default_bundle_path(models_root: Path, checkpoint: Path, lora_paths: list[Path], options: ConvertOptions) -> Path:
@@ -102,6 +119,7 @@ def convert_checkpoint(
     on_stage: StageCallback | None = None,
 ) -> Path:
     """Convert and publish the bundle; returns its path. Nothing is written before the model loads safely."""
+    from converters.coreml.export import release_memory
     from mlsd import __version__
     from mlsd.checkpoints.load import load_model
     from mlsd.families import tokenizer_dir
@@ -110,7 +128,9 @@ def convert_checkpoint(
     options.validate()
     on_stage = on_stage or (lambda *a: None)
     t0 = time.perf_counter()
-    model = load_model(checkpoint, prediction_type=prediction_type, use_ema=ema, vae=vae)
+    # The file's own dtype (fp16 for most downloads): an fp32 copy of every component would double the
+    # peak memory, and each stage makes the fp32 module it exports from itself, one at a time.
+    model = load_model(checkpoint, prediction_type=prediction_type, use_ema=ema, vae=vae, dtype=None)
     if loras:
         from mlsd.lora import LoraSpec, apply_loras
 
@@ -155,7 +175,7 @@ def convert_checkpoint(
             seconds = time.perf_counter() - start
             writer.record(component, recipe, files, seconds, **extra)
             on_stage(component, "done", seconds)
-            gc.collect()
+            release_memory()
         for name in ("vocab.json", "merges.txt"):
             shutil.copy2(tokenizer_dir() / name, writer.path(name))
         writer.manifest["components_present"] = list(writer.manifest["components"])
@@ -171,7 +191,7 @@ def _component_recipe(component: str, options: ConvertOptions) -> dict:
         return {"component": component, "clip_skip": options.clip_skip}
     if component == "unet":
         return {"component": component, "attention": options.attention, "chunks": options.chunks,
-                "bits": options.quantize_bits, "sizes": sizes}
+                "bits": options.quantize_bits, "sizes": sizes, "prompt_chunks": options.prompt_chunks}
     return {"component": component, "sizes": sizes}
 
 
@@ -190,28 +210,43 @@ def _stage_text_encoder(model, options: ConvertOptions, writer: BundleWriter):
     from converters.coreml.components import convert_text_encoder, describe_io
     from converters.coreml.export import save_package
 
-    mlmodel = convert_text_encoder(model.text_encoder, clip_skip=options.clip_skip,
+    mlmodel = convert_text_encoder(model.text_encoder.float(), clip_skip=options.clip_skip,
                                    minimum_target=_target(options.min_target))
     save_package(mlmodel, writer.path("TextEncoder.mlpackage"))
+    model.text_encoder = None  # no later stage needs it; the UNet stage wants the memory
     return ["TextEncoder.mlpackage"], {"io": describe_io(mlmodel)}
 
 
 def _stage_vae(kind: str):
     def stage(model, options: ConvertOptions, writer: BundleWriter):
+        import tempfile
+
         from converters.coreml.components import convert_vae_decoder, convert_vae_encoder, describe_io
-        from converters.coreml.export import save_package
+        from converters.coreml.export import save_multifunction, save_package
 
         factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
-        w, h = options.sizes[0]
-        if kind == "vae_decoder":
-            mlmodel = convert_vae_decoder(model.vae, (h // factor, w // factor),
-                                          minimum_target=_target(options.min_target))
-            name = "VAEDecoder.mlpackage"
-        else:
-            mlmodel = convert_vae_encoder(model.vae, (h, w), minimum_target=_target(options.min_target))
-            name = "VAEEncoder.mlpackage"
-        save_package(mlmodel, writer.path(name))
-        return [name], {"io": describe_io(mlmodel)}
+        model.vae.float()
+        name = "VAEDecoder.mlpackage" if kind == "vae_decoder" else "VAEEncoder.mlpackage"
+
+        def convert(w: int, h: int):
+            if kind == "vae_decoder":
+                return convert_vae_decoder(model.vae, (h // factor, w // factor),
+                                           minimum_target=_target(options.min_target))
+            return convert_vae_encoder(model.vae, (h, w), minimum_target=_target(options.min_target))
+
+        if len(options.sizes) == 1:
+            mlmodel = convert(*options.sizes[0])
+            save_package(mlmodel, writer.path(name))
+            return [name], {"io": describe_io(mlmodel)}
+        # Several sizes: one function per size, like the UNet, so every size decodes (and encodes).
+        with tempfile.TemporaryDirectory(dir=writer.work) as scratch:
+            parts, io = {}, None
+            for w, h in options.sizes:
+                mlmodel = convert(w, h)
+                io = io or describe_io(mlmodel)
+                parts[f"{w}x{h}"] = save_package(mlmodel, Path(scratch) / f"{w}x{h}" / name)
+            save_multifunction(parts, writer.path(name))
+        return [name], {"io": io, "functions": list(parts)}
 
     return stage
 
@@ -219,7 +254,7 @@ def _stage_vae(kind: str):
 def _stage_unet(model, options: ConvertOptions, writer: BundleWriter):
     from converters.coreml.unet import convert_unet
 
-    return convert_unet(model, options, writer)
+    return convert_unet(model, options, writer)  # it releases model.unet: no later stage needs it
 
 
 _STAGES = {"text_encoder": _stage_text_encoder, "unet": _stage_unet,

@@ -84,11 +84,25 @@ def to_mlprogram(
     # its ops and vars reference each other, hence the collect.
     if not keep_mil_program:
         mlmodel._mil_program = None
-        gc.collect()
+        release_memory()
     got = [o.name for o in mlmodel.get_spec().description.output]
     if got != list(output_names):
         raise RuntimeError(f"converted outputs are {got}, expected {list(output_names)}")
     return mlmodel
+
+
+def release_memory() -> None:
+    """Collect, then hand freed heap pages back to the OS (glibc keeps them otherwise, so the next stage's
+    peak would stack on this one's). A no-op where glibc is not the allocator."""
+    import ctypes
+    import ctypes.util
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
 
 
 def _drop_aliases(program) -> None:
@@ -162,4 +176,23 @@ def save_package(mlmodel: ct.models.MLModel, path: str | Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def save_multifunction(functions: Mapping[str, str | Path], path: str | Path) -> Path:
+    """One multifunction package from single-function packages ({function name: package}), the first
+    function the default. Functions with identical weights share them on disk (coremltools dedupes)."""
+    path = Path(path)
+    desc = ct.utils.MultiFunctionDescriptor()
+    for function, source in functions.items():
+        desc.add_function(str(source), src_function_name="main", target_function_name=function)
+    desc.default_function_name = next(iter(functions))
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}.mlpackage")
+    try:
+        ct.utils.save_multifunction(desc, str(tmp))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return path

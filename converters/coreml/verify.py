@@ -57,15 +57,71 @@ def source_model(manifest: dict, against: Path | None = None):
     return model
 
 
+def palettized_twin(unet, packages, attention: str) -> torch.nn.Module:
+    """The ANE UNet built from ``unet`` with every weight the packages palettized replaced by its
+    dequantized value: what the packages compute, in PyTorch.
+
+    mlsd's packages name a weight after its parameter (torch.export's ``p_<path>``, plus the fp16
+    pass's ``_to_fp16``); packages converted elsewhere use other names, so what the names leave
+    unmatched goes to the unclaimed parameter of the same size whose values it is nearest to (k-means
+    moves a weight far less than the distance between two different weights). Raises when a
+    palettized weight fits no parameter, since a twin that kept source weights would pass vacuously.
+    """
+    from converters.coreml.ane.unet import AneUNet
+    from mlsd.coreml.weights import constexpr_weights
+
+    twin = AneUNet.from_diffusers(unet, attention=attention).float().eval()
+    dense: dict[str, torch.Tensor] = {}
+    for package in packages:
+        dense |= constexpr_weights(package.program)
+    adopt_weights(twin, dense)
+    return twin
+
+
+def adopt_weights(twin: torch.nn.Module, dense: dict[str, torch.Tensor]) -> None:
+    """Copy each of ``dense`` into the parameter it belongs to (see `palettized_twin`)."""
+    params = dict(twin.named_parameters())
+    by_name = {f"p_{name.replace('.', '_')}_to_fp16_palettized": name for name in params}
+    claimed: dict[str, torch.Tensor] = {}
+    unmatched = []
+    for key, value in dense.items():
+        if by_name.get(key) in params:
+            claimed[by_name[key]] = value
+        else:
+            unmatched.append((key, value))
+    for key, value in sorted(unmatched, key=lambda kv: -kv[1].numel()):
+        candidates = [n for n, p in params.items() if n not in claimed and p.numel() == value.numel()]
+        errors = {n: float((params[n].detach().reshape(-1) - value.reshape(-1).float()).pow(2).mean())
+                  for n in candidates}
+        best = min(errors, key=errors.get) if errors else None
+        scale = float(value.float().pow(2).mean()) or 1.0
+        if best is None or errors[best] > 0.25 * scale:
+            raise RuntimeError(f"the palettized weight {key} {tuple(value.shape)} fits no UNet parameter")
+        claimed[best] = value
+    if not claimed:
+        raise RuntimeError("the packages hold no palettized UNet weight")
+    with torch.no_grad():
+        for name, value in claimed.items():
+            params[name].copy_(value.reshape(params[name].shape).float())
+
+
+def _functions(component: dict) -> list[str | None]:
+    """The functions to check: each size of a multi-size package, else the package's only one."""
+    functions = component.get("functions") or ["main"]
+    return [None] if functions == ["main"] else list(functions)
+
+
+def _label(output: str, function: str | None) -> str:
+    return output if function is None else f"{output}@{function}"
+
+
 def verify_bundle(bundle: str | Path, against: str | Path | None = None, *, write: bool = True) -> list[Check]:
-    from converters.coreml.components import TextEncoderWrapper, VAEEncoderWrapper
-    from mlsd.coreml import Executor
+    from converters.coreml.components import TextEncoderWrapper
 
     bundle = Path(bundle)
     manifest = json.loads((bundle / "mlsd.json").read_text(encoding="utf-8"))
     model = source_model(manifest, Path(against) if against else None)
     components = manifest["components"]
-    quantized = bool(manifest["options"].get("quantize_bits"))
     g = torch.Generator().manual_seed(0)
     checks: list[Check] = []
     ids = model.tokenizer([PROMPT, ""], padding="max_length", max_length=77, return_tensors="pt").input_ids
@@ -73,38 +129,15 @@ def verify_bundle(bundle: str | Path, against: str | Path | None = None, *, writ
         wrapper = TextEncoderWrapper(model.text_encoder, clip_skip=int(manifest.get("clip_skip", 1)))
         hidden, pooled = wrapper(ids)
         if "text_encoder" in components:
-            te = Executor(bundle / "TextEncoder.mlpackage")
-            outs = [te.run({"input_ids": ids[i:i + 1].float().numpy()}) for i in range(2)]
-            checks.append(_check("text_encoder", "last_hidden_state",
-                                 np.concatenate([o["last_hidden_state"] for o in outs]), hidden.numpy()))
-            checks.append(_check("text_encoder", "pooled_outputs",
-                                 np.concatenate([o["pooled_outputs"] for o in outs]), pooled.numpy()))
+            checks += _text_encoder(bundle, ids, hidden, pooled)
         if "unet" in components:
-            parts = [Executor(bundle / name) for name in components["unet"]["files"]]
-            shape = parts[0].inputs["sample"].shape
-            sample = torch.randn(*shape, generator=g)
-            t = torch.tensor([601.0, 601.0])
-            ctx = hidden.flip(0)  # [uncond; cond], as the pipeline calls it
-            values = {"sample": sample.numpy(), "timestep": t.numpy(),
-                      "encoder_hidden_states": ctx.permute(0, 2, 1).unsqueeze(2).contiguous().numpy()}
-            for part in parts:
-                feed = {n: values[n].astype(np.float16 if s.dtype == "fp16" else np.float32)
-                        for n, s in part.inputs.items()}
-                values.update(part.run(feed))
-            ref = model.unet(sample, t, encoder_hidden_states=ctx).sample
-            # Palettized weights differ from the source by design: report the loss, don't gate it here.
-            checks.append(_check("unet", "noise_pred", values["noise_pred"], ref.numpy(), gated=not quantized))
-        if "vae_decoder" in components:
-            dec = Executor(bundle / "VAEDecoder.mlpackage")
-            z = torch.randn(*dec.inputs["z"].shape, generator=g) / model.vae.config.scaling_factor
-            checks.append(_check("vae_decoder", "image", dec.run({"z": z.numpy()})["image"],
-                                 model.vae.decode(z).sample.numpy()))
-        if "vae_encoder" in components:
-            enc = Executor(bundle / "VAEEncoder.mlpackage")
-            _, _, h, w = enc.inputs["x"].shape
-            x = torch.rand(1, 3, h, w, generator=g) * 2 - 1
-            checks.append(_check("vae_encoder", "latent", enc.run({"x": x.numpy()})["latent"],
-                                 VAEEncoderWrapper(model.vae)(x).numpy()))
+            quantized = bool(manifest["options"].get("quantize_bits"))
+            for function in _functions(components["unet"]):
+                checks += _unet(bundle, components["unet"], function, model, hidden.flip(0), quantized, g)
+        for kind in ("vae_decoder", "vae_encoder"):
+            if kind in components:
+                for function in _functions(components[kind]):
+                    checks += _VAE_CHECKS[kind](bundle, function, model, g)
     if write:
         manifest["verification"] = {
             "executor": "mlsd MIL reference executor (fp16 rounding at op boundaries)", "gate_db": GATE_DB,
@@ -113,3 +146,64 @@ def verify_bundle(bundle: str | Path, against: str | Path | None = None, *, writ
         tmp.write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
         os.replace(tmp, bundle / "mlsd.json")
     return checks
+
+
+def _text_encoder(bundle: Path, ids, hidden, pooled) -> list[Check]:
+    from mlsd.coreml import Executor
+
+    te = Executor(bundle / "TextEncoder.mlpackage")
+    outs = [te.run({"input_ids": ids[i:i + 1].float().numpy()}) for i in range(2)]
+    return [_check("text_encoder", "last_hidden_state",
+                   np.concatenate([o["last_hidden_state"] for o in outs]), hidden.numpy()),
+            _check("text_encoder", "pooled_outputs", np.concatenate([o["pooled_outputs"] for o in outs]),
+                   pooled.numpy())]
+
+
+def _unet(bundle: Path, component: dict, function, model, ctx, quantized: bool, g) -> list[Check]:
+    """The chained chunks against the source UNet; ``ctx`` is [uncond; cond], as the pipeline calls it."""
+    from mlsd.coreml import Executor
+
+    parts = [Executor(bundle / name, function) for name in component["files"]]
+    tokens = parts[0].inputs["encoder_hidden_states"].shape[-1]
+    if tokens != ctx.shape[1]:  # a long-prompt function: chunks that differ, as real 75-token chunks do
+        ctx = torch.cat([ctx.roll(i, dims=0) for i in range(tokens // ctx.shape[1])], dim=1)
+    sample = torch.randn(*parts[0].inputs["sample"].shape, generator=g)
+    t = torch.tensor([601.0, 601.0])
+    values = {"sample": sample.numpy(), "timestep": t.numpy(),
+              "encoder_hidden_states": ctx.permute(0, 2, 1).unsqueeze(2).contiguous().numpy()}
+    for part in parts:
+        values.update(part.run({n: values[n].astype(np.float16 if s.dtype == "fp16" else np.float32)
+                                for n, s in part.inputs.items()}))
+    ours = values["noise_pred"]
+    ref = model.unet(sample, t, encoder_hidden_states=ctx).sample.numpy()
+    if not quantized:
+        return [_check("unet", _label("noise_pred", function), ours, ref)]
+    # Gate against the source with the package's own palettized weights; the k-means loss against
+    # full precision is reported beside it, ungated (it is a choice, not a fault).
+    twin = palettized_twin(model.unet, parts, component.get("attention", "split_einsum"))
+    same = twin(sample, t, ctx.permute(0, 2, 1).unsqueeze(2)).numpy()
+    return [_check("unet", _label("noise_pred", function), ours, same),
+            _check("unet", _label("noise_pred vs full precision", function), ours, ref, gated=False)]
+
+
+def _vae_decoder(bundle: Path, function, model, g) -> list[Check]:
+    from mlsd.coreml import Executor
+
+    dec = Executor(bundle / "VAEDecoder.mlpackage", function)
+    z = torch.randn(*dec.inputs["z"].shape, generator=g) / model.vae.config.scaling_factor
+    return [_check("vae_decoder", _label("image", function), dec.run({"z": z.numpy()})["image"],
+                   model.vae.decode(z).sample.numpy())]
+
+
+def _vae_encoder(bundle: Path, function, model, g) -> list[Check]:
+    from converters.coreml.components import VAEEncoderWrapper
+    from mlsd.coreml import Executor
+
+    enc = Executor(bundle / "VAEEncoder.mlpackage", function)
+    _, _, h, w = enc.inputs["x"].shape
+    x = torch.rand(1, 3, h, w, generator=g) * 2 - 1
+    return [_check("vae_encoder", _label("latent", function), enc.run({"x": x.numpy()})["latent"],
+                   VAEEncoderWrapper(model.vae)(x).numpy())]
+
+
+_VAE_CHECKS = {"vae_decoder": _vae_decoder, "vae_encoder": _vae_encoder}

@@ -149,9 +149,12 @@ class CoreMLBackend:
         if size is not None and functions != ["main"]:
             key = f"{size[0]}x{size[1]}"
             if key not in functions:
+                # Long-prompt functions ("WxH-t154") share their size with "WxH": list sizes once.
+                listed = list(dict.fromkeys(f.split("-t")[0] for f in functions))
                 raise UsageError(f"The bundle's UNet has no {key} function.", where=self.bundle,
-                                 fix=f"use one of its sizes: {', '.join(functions)}")
+                                 fix=f"use one of its sizes: {', '.join(listed)}")
             self._function = key
+        self._functions = functions
         self.sizes = sizes
 
         def make(path: Path, function=None):
@@ -162,11 +165,12 @@ class CoreMLBackend:
             return _CoreML(path, function, compute_unit)
 
         self._text = make(self.layout.text_encoder)
-        self._unet = [_ZeroResiduals(make(p, self._function)) for p in self.layout.unet]
+        self._make = make
+        self._unet_by_tokens = {77: [_ZeroResiduals(make(p, self._function)) for p in self.layout.unet]}
         vae = self._vae_function(components)
         self._decoder = make(self.layout.vae_decoder, vae.get("vae_decoder"))
         self._encoder = make(self.layout.vae_encoder, vae.get("vae_encoder")) if self.layout.vae_encoder else None
-        sample_shape = self._unet[0].inputs["sample"][0]
+        sample_shape = self._unet_by_tokens[77][0].inputs["sample"][0]
         z_shape = self._decoder.inputs["z"][0]
         image_h = components["vae_decoder"]["io"]["outputs"]["image"]["shape"][2]
         self.traits = ModelTraits(
@@ -207,23 +211,37 @@ class CoreMLBackend:
             raise UsageError(f"This bundle's UNet runs {self.latent_size[1] * self.traits.vae_scale_factor}x"
                              f"{self.latent_size[0] * self.traits.vae_scale_factor} images.",
                              where="--width/--height", fix="use the bundle's size, or convert for this size")
-        if context.shape[1] != 77:
-            raise UsageError(f"The prompt needs {context.shape[1] // 77} chunks of 75 tokens; this bundle's UNet "
-                             "takes one (77 tokens).", where="--prompt", fix="shorten the prompt to 75 tokens")
+        parts = self._unet_parts(context.shape[1])
         ctx = context.permute(0, 2, 1).unsqueeze(2)  # (B, S, C) -> Apple's (B, C, 1, S)
         out = []
         for start in range(0, b, 2):  # Apple's UNet has batch 2 (uncond + cond); pad an odd tail
             idx = list(range(start, min(start + 2, b)))
             pair = idx + idx[:1] * (2 - len(idx))
             t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(2)
-            noise = self._run_unet(latents[pair], t, ctx[pair])
+            noise = self._run_unet(parts, latents[pair], t, ctx[pair])
             out.append(noise[: len(idx)])
         return torch.cat(out)
 
-    def _run_unet(self, sample, timestep, ctx) -> torch.Tensor:
+    def _unet_parts(self, tokens: int) -> list:
+        """The UNet parts for a context of `tokens` (77 per 75-token prompt chunk), loaded on first use:
+        bundles converted with --prompt-chunks N hold a "WxH-t<tokens>" function per longer context."""
+        if tokens not in self._unet_by_tokens:
+            base = self._function or self._functions[0]
+            name = f"{base}-t{tokens}"
+            if name not in self._functions:
+                longest = max([77] + [int(f.split("-t")[1]) for f in self._functions if f.startswith(f"{base}-t")])
+                raise UsageError(f"The prompt needs {tokens // 77} chunks of 75 tokens; this bundle's UNet takes "
+                                 f"up to {longest // 77} ({longest} tokens).", where="--prompt",
+                                 fix=f"shorten the prompt to {75 * (longest // 77)} tokens, or convert with "
+                                     f"--prompt-chunks {tokens // 77} --min-target macOS15")
+            log.info("loading the UNet function %s for a %d-token prompt", name, tokens)
+            self._unet_by_tokens[tokens] = [_ZeroResiduals(self._make(p, name)) for p in self.layout.unet]
+        return self._unet_by_tokens[tokens]
+
+    def _run_unet(self, parts, sample, timestep, ctx) -> torch.Tensor:
         values = {"sample": sample, "timestep": timestep, "encoder_hidden_states": ctx}
         values = {k: v.numpy().astype(np.float32) for k, v in values.items()}
-        for part in self._unet:
+        for part in parts:
             feed = {name: _as(values[name], dtype) for name, (_, dtype) in part.inputs.items()}
             values.update({k: np.asarray(v, dtype=np.float32) for k, v in part.predict(feed).items()})
         return torch.from_numpy(values["noise_pred"]).float()

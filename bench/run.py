@@ -1,0 +1,95 @@
+"""`make bench`: every comparison side by side in one run; a table on stdout and docs/benchmarks.md.
+
+    python -m bench.run [--only generation,conversion,quantized,executor] [--cache DIR] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+PARTS = ("generation", "conversion", "quantized", "executor")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run")
+    parser.add_argument("--only", default=",".join(PARTS), help=f"comma list of: {', '.join(PARTS)}")
+    parser.add_argument("--cache", type=Path, default=ROOT / "bench-cache",
+                        help="where the full-size random checkpoint (2.1 GB) and bundles go")
+    parser.add_argument("--no-write", action="store_true", help="do not rewrite docs/benchmarks.md")
+    args = parser.parse_args(argv)
+    parts = [p.strip() for p in args.only.split(",") if p.strip()]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        parser.error(f"unknown part(s) {sorted(unknown)}; choose from {', '.join(PARTS)}")
+
+    from bench.full_model import write_sd15
+
+    t0 = time.perf_counter()
+    checkpoint = write_sd15(args.cache / "sd15-random-fp16.safetensors")
+    print(f"full-size SD1.5-shaped checkpoint: {checkpoint} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    results: dict = {"machine": _machine(), "date": time.strftime("%Y-%m-%d")}
+    bundle = args.cache / "bundle-fp16"
+    if "conversion" in parts:
+        from bench.conversion import run_in_subprocess
+
+        print("converting (fp16, 2 chunks, all four components)...", flush=True)
+        results["conversion"] = run_in_subprocess(checkpoint, bundle)
+    if "quantized" in parts:
+        from bench.conversion import run_in_subprocess
+
+        print("converting the UNet 6-bit palettized...", flush=True)
+        results["quantized"] = run_in_subprocess(checkpoint, args.cache / "bundle-q6", 6, ("unet",))
+    if "executor" in parts:
+        from bench.executor import bench_executor
+
+        if not (bundle / "mlsd.json").is_file():
+            from bench.conversion import run_in_subprocess
+
+            run_in_subprocess(checkpoint, bundle, None, ("unet",))
+        print("reference executor vs PyTorch forward (UNet)...", flush=True)
+        results["executor"] = bench_executor(bundle, checkpoint)
+    if "generation" in parts:
+        from bench.generation import bench_generation
+
+        print("generation: mlsd vs diffusers (and preview overhead, CPU modes)...", flush=True)
+        results["generation"] = bench_generation(checkpoint)
+    from bench.report import render
+
+    text = render(results)
+    print(text)
+    (args.cache / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    if not args.no_write:
+        (ROOT / "docs").mkdir(exist_ok=True)
+        (ROOT / "docs" / "benchmarks.md").write_text(text, encoding="utf-8")
+        print(f"written: {ROOT / 'docs' / 'benchmarks.md'}")
+    return 0
+
+
+def _machine() -> dict:
+    import coremltools
+    import diffusers
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    model = Path("/proc/cpuinfo")
+    if model.is_file():
+        names = [line.split(":", 1)[1].strip() for line in model.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"os": f"{platform.system()} {platform.release()}", "cpu": cpu, "cores": os.cpu_count(),
+            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1)
+            if hasattr(os, "sysconf") else None,
+            "python": sys.version.split()[0], "torch": torch.__version__, "coremltools": coremltools.__version__,
+            "diffusers": diffusers.__version__}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
