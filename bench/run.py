@@ -31,6 +31,9 @@ def main(argv=None) -> int:
         parser.error(f"unknown part(s) {sorted(unknown)}; choose from {', '.join(PARTS)}")
 
     from bench.full_model import write_sd15
+    from converters.cli import quiet_coremltools
+
+    quiet_coremltools()  # its import-time chatter is not a result
 
     t0 = time.perf_counter()
     checkpoint = write_sd15(args.cache / "sd15-random-fp16.safetensors")

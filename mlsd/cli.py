@@ -44,6 +44,7 @@ def _resolve_any(root, name):
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from mlsd.coreml.layouts import describe_folder, summary_line
     from mlsd.describe import describe
     from mlsd.paths import models_dir
 
@@ -54,8 +55,6 @@ def cmd_models(args: argparse.Namespace) -> int:
         for path in root.list(kind):
             entry = {"name": path.name, "path": str(path)}
             if kind == "coreml":
-                from mlsd.coreml.layouts import describe_folder
-
                 try:
                     entry |= describe_folder(path)
                 except MlsdError as e:
@@ -78,27 +77,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         if not entries:
             print("  (none)")
         for e in entries:
-            detail = e.get("error") or (_coreml_detail(e) if kind == "coreml" else " ".join(
+            detail = e.get("error") or (summary_line(e) if kind == "coreml" else " ".join(
                 str(e[k]) for k in ("family", "kind", "format", "prediction_type") if e.get(k)))
             print(f"  {e['name']:<48} {detail}")
     return 0
-
-
-def _coreml_detail(e: dict) -> str:
-    """One line: layout, family, size, attention, compute-unit advice, and what runs or is skipped."""
-    words = [e.get("layout"), e.get("family") + (" inpainting" if e.get("inpainting") else ""), e.get("size"),
-             e.get("attention"), f"compute unit {e.get('compute_unit')}"]
-    if e.get("chunks", 1) > 1:
-        words.append(f"{e['chunks']} UNet chunks")
-    if e.get("palettized"):
-        words.append("palettized")
-    if e.get("controlnet_ready"):
-        words.append("ControlNet-ready UNet")
-    if e.get("ignored"):
-        words.append(f"ignored: {', '.join(e['ignored'])}")
-    if e.get("runs_here") is False:
-        words.append("(compiled: macOS only)")
-    return " ".join(str(w) for w in words if w)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

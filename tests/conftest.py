@@ -31,6 +31,19 @@ def tiny_checkpoints(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models are hundreds of tiny ops: one torch thread is fastest, and several only contend when
+    other jobs share the CPU (measured: 0.1 s per forward on one thread vs 1-30 s on two under load).
+    Use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def no_network(monkeypatch):
     """Any attempt to open a network connection fails the test."""

@@ -20,12 +20,8 @@ from torch import nn
 
 
 @pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread; several threads crawl when other jobs share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def single_thread(one_thread):
+    """Autouse in every module that imports it: one torch thread (see conftest's ``one_thread``)."""
 
 
 UNET_LINEAR = [

@@ -34,6 +34,8 @@ CONFIGS = {
 EXPORT_CONFIG = dict(TINY, layers_per_block=1, attention_head_dim=2)
 V2_CHUNK = 24  # 64 query tokens at 8x8 -> chunks of 24, 24, 16: exercises a ragged last chunk
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _randomise(model: torch.nn.Module, seed: int) -> None:
     """diffusers zero-inits some convs/projections; randomise everything so every weight is tested."""
@@ -68,16 +70,6 @@ def _ane_context(context: torch.Tensor) -> torch.Tensor:
     # (B, 77, C) -> Core ML contract (B, C, 1, 77). Contiguous, or torch.export records a permuted dim
     # order for the input that coremltools refuses ("non-contiguous dim order").
     return context.transpose(1, 2).unsqueeze(2).contiguous()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    # These graphs are hundreds of tiny ops; on a shared 2-core box intra-op threads only contend
-    # (measured: 0.1 s per forward on one thread vs 1-30 s on two under load).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -47,18 +47,9 @@ class ModelEntry:
         s = self.layout
         if not s:
             return ""
-        words = [s.get("layout"), s.get("size"), s.get("attention"), f"compute unit {s.get('compute_unit')}"]
-        if s.get("chunks", 1) > 1:
-            words.append(f"{s['chunks']} UNet chunks")
-        if s.get("palettized"):
-            words.append("palettized")
-        if s.get("controlnet_ready"):
-            words.append("ControlNet-ready UNet")
-        if s.get("ignored"):
-            words.append(f"ignored: {', '.join(s['ignored'])}")
-        if s.get("runs_here") is False:
-            words.append("(compiled: macOS only)")
-        return " ".join(str(w) for w in words if w)
+        from mlsd.coreml.layouts import summary_line
+
+        return summary_line(s, family=False)
 
     @property
     def label(self) -> str:

@@ -102,6 +102,25 @@ def describe_folder(path: str | Path) -> dict:
     return out
 
 
+def summary_line(summary: dict, *, family: bool = True) -> str:
+    """A `describe_folder` summary in one line: layout, (family,) size, attention, compute-unit advice,
+    and what runs or is skipped - as `mlsd models` and the TUI's Models screen show it."""
+    kind = (summary.get("family") or "") + (" inpainting" if summary.get("inpainting") else "")
+    words = [summary.get("layout"), kind if family else None, summary.get("size"), summary.get("attention"),
+             f"compute unit {summary.get('compute_unit')}"]
+    if summary.get("chunks", 1) > 1:
+        words.append(f"{summary['chunks']} UNet chunks")
+    if summary.get("palettized"):
+        words.append("palettized")
+    if summary.get("controlnet_ready"):
+        words.append("ControlNet-ready UNet")
+    if summary.get("ignored"):
+        words.append(f"ignored: {', '.join(summary['ignored'])}")
+    if summary.get("runs_here") is False:
+        words.append("(compiled: macOS only)")
+    return " ".join(str(w) for w in words if w)
+
+
 def compute_unit_advice(attention: str | None) -> str:
     # Apple's split_einsum kernels are laid out for the Neural Engine; the original attention runs best on GPU.
     return {"original": "gpu"}.get(attention or "", "ane")
