@@ -45,11 +45,13 @@ def main(argv=None) -> int:
 
         print("converting (fp16, 2 chunks, all four components)...", flush=True)
         results["conversion"] = run_in_subprocess(checkpoint, bundle)
+        _save(args.cache, results)
     if "quantized" in parts:
         from bench.conversion import run_in_subprocess
 
         print("converting the UNet 6-bit palettized...", flush=True)
         results["quantized"] = run_in_subprocess(checkpoint, args.cache / "bundle-q6", 6, ("unet",))
+        _save(args.cache, results)
     if "executor" in parts:
         from bench.executor import bench_executor
 
@@ -59,6 +61,7 @@ def main(argv=None) -> int:
             run_in_subprocess(checkpoint, bundle, None, ("unet",))
         print("reference executor vs PyTorch forward (UNet)...", flush=True)
         results["executor"] = bench_executor(bundle, checkpoint)
+        _save(args.cache, results)
     if "generation" in parts:
         from bench.generation import bench_generation
 
@@ -68,12 +71,17 @@ def main(argv=None) -> int:
 
     text = render(results)
     print(text)
-    (args.cache / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    _save(args.cache, results)
     if not args.no_write:
         (ROOT / "docs").mkdir(exist_ok=True)
         (ROOT / "docs" / "benchmarks.md").write_text(text, encoding="utf-8")
         print(f"written: {ROOT / 'docs' / 'benchmarks.md'}")
     return 0
+
+
+def _save(cache: Path, results: dict) -> None:
+    """After every part, so a long run that is stopped still leaves what it measured."""
+    (cache / "results.json").write_text(json.dumps(results, indent=2, default=float))
 
 
 def _machine() -> dict:
