@@ -90,12 +90,18 @@ def _machine() -> dict:
     import torch
 
     cpu = platform.processor() or platform.machine()
+    clock, flags = None, []
     model = Path("/proc/cpuinfo")
     if model.is_file():
-        names = [line.split(":", 1)[1].strip() for line in model.read_text().splitlines()
-                 if line.startswith("model name")]
+        lines = model.read_text().splitlines()
+        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+        mhz = [float(line.split(":", 1)[1]) for line in lines if line.startswith("cpu MHz")]
+        flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+        flags = sorted(set(flags) & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16"})
         cpu = names[0] if names else cpu
-    return {"os": f"{platform.system()} {platform.release()}", "cpu": cpu, "cores": os.cpu_count(),
+        clock = round(max(mhz) / 1000, 2) if mhz else None
+    return {"os": f"{platform.system()} {platform.release()}", "cpu": cpu, "cores": os.cpu_count(), "clock_ghz": clock,
+            "cpu_flags": flags,
             "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1)
             if hasattr(os, "sysconf") else None,
             "python": sys.version.split()[0], "torch": torch.__version__, "coremltools": coremltools.__version__,

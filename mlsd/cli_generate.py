@@ -48,6 +48,9 @@ def add_parsers(sub, common) -> None:
                    help="Core ML: auto = Neural Engine for split_einsum bundles, GPU for original")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--compile", action="store_true",
+                   help="torch backend: torch.compile the UNet (CPU: ~1.3x faster steps after a first call "
+                        "that compiles for minutes; worth it for many images)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--output", "-o", type=Path, help="write exactly this file (several images: FILE-N)")
     out.add_argument("--output-dir", type=Path, default=Path("outputs"), help="outputs root (A1111 layout)")
@@ -195,9 +198,11 @@ def cmd_generate(args) -> int:
     n_images = request.batch_size * request.batch_count
     check_targets(args.output, n_images, overwrite=args.overwrite)  # refuse before minutes of work
     key = ModelKey(model_path, vae_path, tuple(loras), args.prediction_type, args.ema, args.device,
-                   args.precision, args.backend, args.compute_unit, request.output_size, family=args.family)
-    kind, _, why = choose_backend(key)
-    backend = load_backend(key)
+                   args.precision, args.backend, args.compute_unit, request.output_size, family=args.family,
+                   compile=args.compile)
+    choice = choose_backend(key)
+    kind, _, why = choice
+    backend = load_backend(key, choice)
     if not args.json:  # after loading: a refused file's error stays the first thing on stderr
         print(f"backend: {kind} ({why})", file=sys.stderr)
     bar = StepBar()

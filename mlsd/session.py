@@ -70,6 +70,7 @@ class ModelKey:
     compute_unit: str = "auto"
     size: tuple[int, int] | None = None  # picks the function of a multi-size Core ML bundle
     family: str | None = None  # for Core ML folders converted elsewhere whose text width names no family
+    compile: bool = False  # torch: torch.compile the UNet (frozen weights on CPU)
 
 
 @dataclass
@@ -141,15 +142,20 @@ def _choose_for_foreign(key: ModelKey, platform: str) -> tuple[str, Path, str]:
                                           "the reference executor runs them (slow)")
 
 
-def load_backend(key: ModelKey):
+def load_backend(key: ModelKey, choice: tuple[str, Path, str] | None = None):
+    """The backend for `key`; `choice` is `choose_backend(key)` where the caller already made it."""
     from mlsd.backends.torch_backend import TorchBackend
     from mlsd.checkpoints.load import load_model
     from mlsd.lora import LoraSpec, apply_loras
 
-    backend, path, why = choose_backend(key)
+    backend, path, why = choice or choose_backend(key)
     log.info("backend %s: %s", backend, why)
     if backend != "torch":
         from mlsd.backends.coreml_backend import CoreMLBackend
+
+        if key.compile:
+            raise UsageError(f"--compile applies to the torch backend; this runs on {backend}.",
+                             where="--compile", fix="drop --compile, or use --backend torch with a checkpoint")
 
         runner = "coreml" if backend == "coreml" else "reference"
         return CoreMLBackend(path, runner=runner, compute_unit=key.compute_unit, size=key.size, family=key.family,
@@ -161,11 +167,11 @@ def load_backend(key: ModelKey):
         vae = Path(manifest["vae"]["path"]) if manifest.get("vae") else key.vae
         loras = tuple(LoraChoice(Path(x["path"]), x["unet_weight"], x["te_weight"]) for x in manifest["loras"])
         key = ModelKey(path, vae, loras, manifest.get("prediction_type"), bool(manifest.get("ema")),
-                       key.device, key.precision)
+                       key.device, key.precision, compile=key.compile)
     model = load_model(key.path, prediction_type=key.prediction_type, use_ema=key.ema, vae=key.vae)
     if key.loras:
         report = apply_loras(model.unet, model.text_encoder,
                              [LoraSpec(c.path, c.unet_weight, c.te_weight) for c in key.loras])
         model.loras = list(key.loras)
         log.info("merged LoRAs:\n%s", report.describe())
-    return TorchBackend(model, key.device, key.precision)
+    return TorchBackend(model, key.device, key.precision, compile_unet=key.compile)

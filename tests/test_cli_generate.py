@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mlsd.backends.torch_backend import has_cpp_compiler
 from mlsd.cli import main
 from mlsd.hashes import lora_short_hash
 from mlsd.infotext import GenerationParams, parse_infotext, read_image_parameters
@@ -126,6 +127,16 @@ def test_same_seed_same_pixels_other_seed_differs(base, models, capsys):
     assert rc == 0, err
     assert np.abs(pixels(Path("other.png")) - pixels(base[1])).mean() > 1.0
     assert fields(Path("other.png"))["Seed"] == "6"
+
+
+@pytest.mark.skipif(not has_cpp_compiler(), reason="inductor needs a C++ compiler")
+def test_compile_draws_the_same_image(base, models, capsys):
+    rc, _, err = gen(capsys, models, "-p", PROMPT, "-n", NEGATIVE, *FAST, "--seed", "5", "-o", "compiled.png",
+                     "--compile", "--backend", "torch")
+    assert rc == 0, err
+    got, want = pixels(Path("compiled.png")).astype(float), pixels(base[1]).astype(float)
+    assert np.abs(got - want).max() <= 2  # fused kernels sum in another order: at most a rounding step apart
+    assert fields(Path("compiled.png"))["Seed"] == "5"
 
 
 # ---- --output, --overwrite, batches ------------------------------------------------------------------------

@@ -103,6 +103,8 @@ def test_auto_backend_choice(pair, tmp_path):
         choose_backend(ModelKey(moved, backend="torch"))
     with pytest.raises(UsageError, match="merged into its weights"):
         choose_backend(ModelKey(moved, loras=(LoraChoice(tmp_path / "x.safetensors"),)))
+    with pytest.raises(UsageError, match="--compile applies to the torch backend"):
+        load_backend(ModelKey(moved, compile=True))
     with pytest.raises(UsageError, match="needs macOS"):
         CoreMLBackend(moved, runner="coreml") if __import__("sys").platform != "darwin" else (_ for _ in ()).throw(
             UsageError("needs macOS"))

@@ -57,6 +57,29 @@ def _bisect(package: Path, out: Path) -> tuple[Path, Path]:
     return out / f"{package.stem}_chunk1.mlpackage", out / f"{package.stem}_chunk2.mlpackage"
 
 
+def _apple_unet(bundle: Path, out: Path) -> Path:
+    """The bundle's UNet converted as Apple's torch2coreml does: an fp32 torch graph that Core ML lowers to fp16
+    itself (mlsd's own converter exports an fp16 graph, whose op order bisect_model does not expect)."""
+    import json
+
+    import numpy as np
+    import torch
+
+    from converters.coreml.ane.unet import AneUNet
+    from converters.coreml.export import to_mlprogram
+    from converters.coreml.unet import unet_example_inputs
+    from mlsd.checkpoints.load import load_model
+
+    source = load_model(Path(json.loads((bundle / "mlsd.json").read_text())["source"]["path"])).unet
+    examples = unet_example_inputs(source.config, (8, 8))
+    model = to_mlprogram(AneUNet.from_diffusers(source), examples, input_dtypes={k: np.float16 for k in examples},
+                         output_names=["noise_pred"], output_dtypes={"noise_pred": np.float32},
+                         minimum_target=__import__("coremltools").target.iOS16)
+    assert next(iter(examples.values())).dtype == torch.float32
+    model.save(str(out))
+    return out
+
+
 def _palettize(package: Path, out: Path) -> Path:
     import coremltools as ct
 
@@ -186,8 +209,7 @@ def foreign(tiny_bundles, tmp_path_factory) -> dict[str, Path]:
     apple.mkdir()
     for mlsd_name, role in APPLE_PARTS.items():
         shutil.copytree(bundle / f"{mlsd_name}.mlpackage", apple / f"{PREFIX}_{role}.mlpackage")
-    unet = apple / f"{PREFIX}_unet.mlpackage"
-    shutil.copytree(bundle / "Unet.mlpackage", unet)
+    unet = _apple_unet(bundle, apple / f"{PREFIX}_unet.mlpackage")
     _bisect(unet, apple)
     _safety_checker(apple / f"{PREFIX}_safety_checker.mlpackage")
     f["apple"] = apple
@@ -199,7 +221,7 @@ def foreign(tiny_bundles, tmp_path_factory) -> dict[str, Path]:
     packages.mkdir(parents=True)
     for mlsd_name, role in APPLE_PARTS.items():
         shutil.copytree(bundle / f"{mlsd_name}.mlpackage", packages / f"{PREFIX}_{role}.mlpackage")
-    q6 = _palettize(bundle / "Unet.mlpackage", packages / f"{PREFIX}_unet.mlpackage")
+    q6 = _palettize(unet, packages / f"{PREFIX}_unet.mlpackage")
     _bisect(q6, packages)
     compiled = hf / "split_einsum" / "compiled"
     for name, role in [*APPLE_PARTS.items(), ("UnetChunk1", "unet_chunk1"), ("UnetChunk2", "unet_chunk2")]:

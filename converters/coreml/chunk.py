@@ -21,6 +21,8 @@ from coremltools.converters.mil.mil import Builder as mb
 from coremltools.converters.mil.mil import Placeholder, Program, types
 from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
 
+from mlsd.memory import release_memory
+
 GIB = 1 << 30
 _BALANCE = 0.03
 # Ops that only reinterpret an original input (the fp16 pass's input casts) are recomputed in every
@@ -315,6 +317,7 @@ def iter_chunks(
         model = _convert(model, minimum_target, _LOWER_FP16, precision)
     target = minimum_target or ct.target(model.get_spec().specificationVersion)
     plan = plan_chunks(load_program(model), n, tolerance=tolerance)
+    release_memory()  # a loaded program is a web of cycles: without a collect it outlives the next load
     too_big = [i for i, b in enumerate(plan.bytes) if b > max_chunk_bytes]
     if too_big:
         need = max(n + 1, math.ceil(plan.total_bytes * (1 + tolerance) / max_chunk_bytes))
@@ -327,6 +330,7 @@ def iter_chunks(
             # The source was optimised already; a full pipeline per chunk would cost minutes on a real UNet.
             part = _convert(_carve(load_program(model), plan, k), target, [])
             part._mil_program = None  # its weights are in the part's package already
+            release_memory()
             yield part
 
     return plan, chunks()

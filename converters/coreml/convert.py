@@ -209,11 +209,15 @@ def _tool_versions() -> dict:
 def _stage_text_encoder(model, options: ConvertOptions, writer: BundleWriter):
     from converters.coreml.components import convert_text_encoder, describe_io
     from converters.coreml.export import save_package
+    from mlsd.memory import drop_file_pages, release_memory, tensor_ranges
 
+    source = tensor_ranges(model.text_encoder.state_dict().values())  # memory-mapped, before .float()
     mlmodel = convert_text_encoder(model.text_encoder.float(), clip_skip=options.clip_skip,
                                    minimum_target=_target(options.min_target))
     save_package(mlmodel, writer.path("TextEncoder.mlpackage"))
     model.text_encoder = None  # no later stage needs it; the UNet stage wants the memory
+    release_memory()
+    drop_file_pages(source)
     return ["TextEncoder.mlpackage"], {"io": describe_io(mlmodel)}
 
 

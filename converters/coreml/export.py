@@ -6,17 +6,19 @@ coremltools 9.0's TorchScript front end breaks under NumPy >= 2.4, so everything
 
 from __future__ import annotations
 
-import gc
 import os
 import shutil
 import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import coremltools as ct
 import numpy as np
 import torch
+
+from mlsd.memory import release_memory  # noqa: F401  (the converter's stages import it from here)
 
 PRECISIONS = {"fp16": ct.precision.FLOAT16, "fp32": ct.precision.FLOAT32}
 
@@ -34,6 +36,10 @@ def to_mlprogram(
     keep_mil_program: bool = False,
 ) -> ct.models.MLModel:
     """Convert ``module`` called as ``module(*example_inputs.values())`` with exactly these shapes.
+
+    An fp32 module is the reference route (Core ML casts to fp16 itself). An fp16 module takes the fp16
+    route: the exported graph and its weights are fp16 already, so no fp32 copy of the weights ever
+    exists (a full SD1.5 UNet: 1.7 GB instead of 3.4 GB fp32 plus 1.7 GB of fp16 copies).
 
     ``example_inputs`` order is the forward's positional order and its keys become the Core ML input
     names; ``input_dtypes`` overrides the Core ML dtype per input (default: the tensor's own dtype).
@@ -56,7 +62,9 @@ def to_mlprogram(
 
     module = module.eval()
     args = tuple(example_inputs.values())
-    # fp32 export: Core ML does the fp16 cast itself, and an fp16 torch graph would differ from the source.
+    fp16_graph = _module_dtype(module) == torch.float16
+    if fp16_graph and precision != "fp16":
+        raise ValueError("an fp16 module converts only at precision='fp16'")
     with torch.no_grad():
         program = torch.export.export(module, args, strict=False).run_decompositions({})
     _drop_aliases(program)
@@ -67,19 +75,20 @@ def to_mlprogram(
         )
         for name, t in example_inputs.items()
     ]
-    mlmodel = ct.convert(
-        program,
-        convert_to="mlprogram",
-        minimum_deployment_target=minimum_target,
-        compute_precision=PRECISIONS[precision],
-        inputs=inputs,
-        outputs=[
-            ct.TensorType(name=n, dtype=np.dtype(output_dtypes[n]).type) if n in output_dtypes
-            else ct.TensorType(name=n)
-            for n in output_names
-        ],
-        skip_model_load=skip_model_load,
-    )
+    with fp16_frontend() if fp16_graph else nullcontext():
+        mlmodel = ct.convert(
+            program,
+            convert_to="mlprogram",
+            minimum_deployment_target=minimum_target,
+            compute_precision=PRECISIONS[precision],
+            inputs=inputs,
+            outputs=[
+                ct.TensorType(name=n, dtype=np.dtype(output_dtypes[n]).type) if n in output_dtypes
+                else ct.TensorType(name=n)
+                for n in output_names
+            ],
+            skip_model_load=skip_model_load,
+        )
     # The exported program shares the module's weights, so only the MIL program is worth freeing;
     # its ops and vars reference each other, hence the collect.
     if not keep_mil_program:
@@ -91,18 +100,72 @@ def to_mlprogram(
     return mlmodel
 
 
-def release_memory() -> None:
-    """Collect, then hand freed heap pages back to the OS (glibc keeps them otherwise, so the next stage's
-    peak would stack on this one's). A no-op where glibc is not the allocator."""
-    import ctypes
-    import ctypes.util
+def _module_dtype(module: torch.nn.Module) -> torch.dtype | None:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
 
-    gc.collect()
-    name = ctypes.util.find_library("c")
+
+@contextmanager
+def fp16_frontend():
+    """coremltools 9.0's torch front end assumes fp32 graphs. Two of its habits break fp16 ones:
+    group_norm adds a Python-float epsilon (an fp32 const) to fp16 variances, and binary ops promote
+    fp16 tensors to fp32 whenever the other operand is a Python scalar (an attention scale, a constant
+    in the timestep embedding). Here scalars take the tensor's dtype, as they do in torch itself."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend.torch import ops
+    from coremltools.converters.mil.mil import Var, types
+
+    group_norm, promote = ops._group_norm_impl, ops.promote_input_dtypes
+
+    def group_norm_fp16(x, num_groups, weight, bias, eps):
+        return group_norm(x, num_groups, weight, bias, np.float16(eps) if x.dtype == types.fp16 else eps)
+
+    def weak_scalar(v):
+        if isinstance(v, float):
+            return mb.const(val=np.float16(v))
+        if isinstance(v, Var) and v.dtype == types.fp32 and v.val is not None and np.size(v.val) == 1:
+            return mb.const(val=np.asarray(v.val, np.float16).reshape(np.shape(v.val)), name=f"{v.name}_fp16")
+        return v
+
+    def promote_fp16(input_vars):
+        if any(isinstance(v, Var) and v.dtype == types.fp16 for v in input_vars):
+            input_vars = [weak_scalar(v) for v in input_vars]
+        return promote(input_vars)
+
+    ops._group_norm_impl, ops.promote_input_dtypes = group_norm_fp16, promote_fp16
     try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        pass
+        yield
+    finally:
+        ops._group_norm_impl, ops.promote_input_dtypes = group_norm, promote
+
+
+class _Fp16BatchNormBuilder:
+    """The MIL builder as coremltools' elementwise->batch_norm fusion sees it, with one fix: the fusion
+    writes fp32 mean/variance consts beside the graph's gamma, which an fp16 graph's batch_norm then
+    rejects; here they take gamma's dtype. Everything else is the real builder."""
+
+    def __getattr__(self, name):
+        from coremltools.converters.mil import Builder as mb
+
+        return getattr(mb, name)
+
+    @staticmethod
+    def batch_norm(*, mean, variance, gamma, **kwargs):
+        from coremltools.converters.mil import Builder as mb
+
+        if isinstance(gamma, np.ndarray) and gamma.dtype == np.float16:
+            mean, variance = np.asarray(mean, np.float16), np.asarray(variance, np.float16)
+        return mb.batch_norm(mean=mean, variance=variance, gamma=gamma, **kwargs)
+
+
+def _fix_fp16_batchnorm_fusion() -> None:
+    # Module-wide, because every later re-conversion (palettizing, chunking) runs the same pass.
+    from coremltools.converters.mil.mil.passes.defs import optimize_elementwise_binary as fusion
+
+    if not isinstance(fusion.mb, _Fp16BatchNormBuilder):
+        fusion.mb = _Fp16BatchNormBuilder()
+
+
+_fix_fp16_batchnorm_fusion()
 
 
 def _drop_aliases(program) -> None:

@@ -1,4 +1,4 @@
-"""Post-training k-means palettization of a converted ML program.
+"""Post-training k-means palettization of a converted ML program (LUTs from `kmeans.kmeans_lut`).
 
 Run it before `chunk.split_mlmodel`: every chunk then ships compressed, and the chunk balancer counts
 the `constexpr_lut_to_dense` bytes (LUT + packed indices) that Apple's bisection ignores.
@@ -16,6 +16,8 @@ import coremltools.optimize.coreml as cto
 from threadpoolctl import threadpool_limits
 
 from converters.coreml.chunk import load_program, program_weight_bytes
+from converters.coreml.kmeans import lut_function
+from mlsd.memory import release_memory
 
 BITS = (8, 6, 4)
 # coremltools' default (2048 elements) skips most weights of tiny test models; a 6-bit LUT is 128 bytes,
@@ -61,7 +63,6 @@ def palettize(
     *,
     exclude: Callable[[object], bool] = is_token_embedding,
     weight_threshold: int = WEIGHT_THRESHOLD,
-    num_kmeans_workers: int = 1,
 ) -> ct.models.MLModel:
     """k-means palettize every weight above `weight_threshold` elements to `bits`, except ops for which
     `exclude(op)` holds. Byte counts before/after are stored in the model metadata (`palettize_stats`)."""
@@ -69,24 +70,24 @@ def palettize(
         raise ValueError(f"bits must be one of {BITS}, got {bits}")
     program = load_program(mlmodel)
     skipped = sorted({op.name for op in program.functions["main"].operations if exclude(op)})
+    bytes_before = program_weight_bytes(program)
+    del program  # a whole copy of the weights: not to be held while coremltools loads its own
+    release_memory()
     config = cto.OptimizationConfig(
         global_config=cto.OpPalettizerConfig(
-            mode="kmeans",
-            nbits=bits,
+            mode="custom",
+            lut_function=lut_function(bits),
             weight_threshold=weight_threshold,
-            num_kmeans_workers=num_kmeans_workers,
         ),
         op_name_configs={name: None for name in skipped},
     )
-    # One k-means per weight on small arrays: OpenMP thread start-up dominates (2.5x slower measured).
+    # Many small NumPy calls per weight: BLAS/OpenMP thread start-up would dominate them.
     with threadpool_limits(1):
         out = cto.palettize_weights(mlmodel, config)
-    stats = PalettizeStats(
-        bits=bits,
-        bytes_before=program_weight_bytes(program),
-        bytes_after=program_weight_bytes(load_program(out)),
-        excluded=len(skipped),
-    )
+    release_memory()
+    stats = PalettizeStats(bits=bits, bytes_before=bytes_before, bytes_after=program_weight_bytes(load_program(out)),
+                           excluded=len(skipped))
+    release_memory()
     out.user_defined_metadata[_META_KEY] = json.dumps(asdict(stats))
     return out
 

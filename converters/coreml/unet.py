@@ -25,15 +25,17 @@ def unet_example_inputs(unet_config, latent_hw: tuple[int, int], tokens: int = T
 
 
 def convert_unet_size(make_ane, unet_config, latent_hw, *, minimum_target, bits, tokens: int = TOKENS):
-    """One size as one mlprogram (palettized if asked). ``make_ane()`` builds the fp32 ANE module, which
+    """One size as one mlprogram (palettized if asked). ``make_ane()`` builds the ANE module, which
     is freed before returning: it is the biggest thing in memory, and the saved package holds
     everything chunking needs."""
     from converters.coreml.export import release_memory, to_mlprogram
 
     ane = make_ane()
+    dtype = next(ane.parameters()).dtype
+    examples = {k: v.to(dtype) for k, v in unet_example_inputs(unet_config, latent_hw, tokens).items()}
     # Apple's contract: fp16 inputs, fp32 noise_pred (the Swift pipeline reads fp32 outputs).
     mlmodel = to_mlprogram(
-        ane, unet_example_inputs(unet_config, latent_hw, tokens),
+        ane, examples,
         input_dtypes={"sample": np.float16, "timestep": np.float16, "encoder_hidden_states": np.float16},
         output_names=["noise_pred"], output_dtypes={"noise_pred": np.float32}, minimum_target=minimum_target)
     del ane
@@ -54,6 +56,7 @@ def convert_unet(model, options, writer):
     from converters.coreml.chunk import iter_chunks
     from converters.coreml.convert import _target
     from converters.coreml.export import release_memory, save_multifunction, save_package
+    from mlsd.memory import drop_file_pages, tensor_ranges
 
     factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
     names = unet_package_names(options.chunks)
@@ -68,11 +71,15 @@ def convert_unet(model, options, writer):
     def make_ane():
         from converters.coreml.ane.unet import AneUNet
 
-        ane = AneUNet.from_diffusers(source["unet"], attention=options.attention).float().eval()
+        # fp16 from the start (the fp16 export route): the largest module in the converter never
+        # exists in fp32, which is what keeps a full SD1.5 conversion's peak low.
+        ane = AneUNet.from_diffusers(source["unet"], attention=options.attention, dtype=torch.float16)
         remaining[0] -= 1
         if not remaining[0]:
+            pages = tensor_ranges(source["unet"].state_dict().values())
             source.clear()
             release_memory()
+            drop_file_pages(pages)  # the checkpoint's UNet pages: the mapping outlives them (see mlsd.memory)
         return ane
 
     per_function = []

@@ -81,7 +81,8 @@ def palettized_twin(unet, packages, attention: str) -> torch.nn.Module:
 def adopt_weights(twin: torch.nn.Module, dense: dict[str, torch.Tensor]) -> None:
     """Copy each of ``dense`` into the parameter it belongs to (see `palettized_twin`)."""
     params = dict(twin.named_parameters())
-    by_name = {f"p_{name.replace('.', '_')}_to_fp16_palettized": name for name in params}
+    # fp32 export graphs name a weight's const "<param>_to_fp16", fp16 ones (mlsd's UNet) just "<param>".
+    by_name = {f"p_{name.replace('.', '_')}{cast}_palettized": name for name in params for cast in ("_to_fp16", "")}
     claimed: dict[str, torch.Tensor] = {}
     unmatched = []
     for key, value in dense.items():

@@ -31,6 +31,7 @@ from textual.worker import get_current_worker
 from mlsd.errors import MlsdError, UsageError
 from tui.flags import CONVERT_FIELDS
 from tui.messages import Conversion, describe_error
+from tui.widgets.params import with_lora
 from tui.widgets.progress import format_seconds
 from tui.workers import ConversionJob, run_conversion
 
@@ -239,9 +240,7 @@ class ConvertScreen(Screen):
     def on_select_changed(self, event: Select.Changed) -> None:
         if event.select.id == "convert-lora-pick" and event.value is not Select.NULL:
             field = self.query_one("#convert-loras", Input)
-            present = [item.strip() for item in field.value.split(",") if item.strip()]
-            if not any(item.split(":")[0] == event.value for item in present):
-                field.value = ", ".join([*present, f"{event.value}:1"])
+            field.value = with_lora(field.value, str(event.value))
             event.select.clear()
         self._show_target()
 

@@ -44,6 +44,13 @@ def _options(values) -> list[tuple[str, str]]:
     return [(v, v) for v in values]
 
 
+def with_lora(listing: str, name: str) -> str:
+    """A "NAME:WEIGHT, ..." field with `name` appended at weight 1, unless it is listed already."""
+    present = [item.strip() for item in listing.split(",") if item.strip()]
+    if any(item.split(":")[0] == name for item in present):
+        return listing
+    return ", ".join([*present, f"{name}:1"])
+
 class ParamsForm(VerticalScroll, can_focus=False):
     """Reads as FormValues and takes FormValues back (settings, gallery reuse).
 
@@ -212,9 +219,7 @@ class ParamsForm(VerticalScroll, can_focus=False):
             self.query_one("#height", Input).value = height
         elif event.select.id == "lora-pick" and event.value is not Select.NULL:
             field = self.query_one("#loras", Input)
-            present = [item.strip() for item in field.value.split(",") if item.strip()]
-            if not any(item.split(":")[0] == event.value for item in present):
-                field.value = ", ".join([*present, f"{event.value}:1"])
+            field.value = with_lora(field.value, str(event.value))
             event.select.clear()
 
     def on_input_changed(self, event: Input.Changed) -> None:

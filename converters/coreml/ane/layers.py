@@ -49,10 +49,14 @@ class SinusoidalTimesteps(nn.Module):
         super().__init__()
         if channels % 2:
             raise NotImplementedError("odd timestep embedding widths are not supported")
-        half = channels // 2
-        exponent = -math.log(max_period) * torch.arange(0, half, dtype=torch.float32) / (half - freq_shift)
-        self.register_buffer("freqs", torch.exp(exponent), persistent=False)
+        self._shape = (channels // 2, freq_shift, max_period)
+        self.register_buffer("freqs", self.frequencies(), persistent=False)
         self.flip_sin_to_cos = flip_sin_to_cos
+
+    def frequencies(self) -> torch.Tensor:
+        half, freq_shift, max_period = self._shape
+        exponent = -math.log(max_period) * torch.arange(0, half, dtype=torch.float32) / (half - freq_shift)
+        return torch.exp(exponent)
 
     def forward(self, timestep: torch.Tensor) -> torch.Tensor:
         # Dtype checks are static under export; an unconditional cast would leave a no-op node in the graph.

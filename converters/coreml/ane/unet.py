@@ -205,13 +205,20 @@ class AneUNet(nn.Module):
 
     @classmethod
     def from_diffusers(cls, unet: nn.Module, attention: AttentionImpl | str = AttentionImpl.SPLIT_EINSUM,
-                       query_chunk_size: int = DEFAULT_QUERY_CHUNK) -> AneUNet:
-        """Same architecture as `unet` (a diffusers UNet2DConditionModel), with its weights, in eval mode."""
-        model = cls(unet.config, attention=attention, query_chunk_size=query_chunk_size)
-        # load_state_dict copies into the fp32 parameters, so an fp16 source still yields an fp32 model:
-        # the form Core ML conversion wants (it lowers precision itself) and the one the timestep
-        # sinusoid needs (fp16 cannot resolve sin(t * f) for t near 1000).
-        model.load_state_dict(convert_diffusers_state_dict(unet.state_dict()), strict=True)
+                       query_chunk_size: int = DEFAULT_QUERY_CHUNK, dtype: torch.dtype = torch.float32) -> AneUNet:
+        """Same architecture as `unet` (a diffusers UNet2DConditionModel), with a copy of its weights in
+        `dtype`, in eval mode. fp32 (the default) is the form to evaluate: fp16 cannot resolve the
+        timestep sinusoid sin(t * f) for t near 1000. fp16 is for the converter's fp16 export route,
+        which only traces the module."""
+        # Built on the meta device and given the source's weights: no random init, and no fp32 copy of
+        # a 1.7 GB fp16 UNet on the way to an fp16 module.
+        with torch.device("meta"):
+            model = cls(unet.config, attention=attention, query_chunk_size=query_chunk_size)
+        state = {k: v.to(dtype, copy=True) for k, v in convert_diffusers_state_dict(unet.state_dict()).items()}
+        model.load_state_dict(state, strict=True, assign=True)
+        for module in model.modules():
+            if isinstance(module, SinusoidalTimesteps):  # non-persistent: not in any state dict
+                module.freqs = module.frequencies().to(dtype)
         return model.eval()
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
