@@ -39,6 +39,12 @@ def main(argv=None) -> int:
     checkpoint = write_sd15(args.cache / "sd15-random-fp16.safetensors")
     print(f"full-size SD1.5-shaped checkpoint: {checkpoint} ({time.perf_counter() - t0:.0f} s)", flush=True)
     results: dict = {"machine": _machine(), "date": time.strftime("%Y-%m-%d")}
+    previous = args.cache / "results.json"
+    if set(parts) != set(PARTS) and previous.is_file():
+        # A partial run refreshes its parts and keeps the others' figures (same cache, same machine).
+        kept = {k: v for k, v in json.loads(previous.read_text()).items() if k in PARTS and k not in parts}
+        if json.loads(previous.read_text()).get("machine") == results["machine"]:
+            results |= kept
     bundle = args.cache / "bundle-fp16"
     if "conversion" in parts:
         from bench.conversion import run_in_subprocess
