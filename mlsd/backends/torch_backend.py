@@ -30,8 +30,8 @@ def has_cpp_compiler() -> bool:
 def compile_forward(module: torch.nn.Module, device: str) -> None:
     """torch.compile `module`'s forward (inductor). On CPU the weights are frozen into the graph, which
     lets inductor prepack every conv/linear weight for oneDNN/MKL once instead of on every call: the
-    UNet's step time on a 2-core AVX2 CPU drops ~1.3x (docs/benchmarks.md). The first call compiles
-    (minutes on small CPUs; cached on disk by inductor for later runs), and changing the weights
+    UNet's fp32 step time on the 2-core CPU of docs/benchmarks.md drops ~1.4x. The first call compiles
+    (about a minute there; cached on disk by inductor for later runs), and changing the weights
     afterwards is not seen, which is why LoRAs are merged before. Only `forward` is compiled, so the
     module's hooks and attributes stay as they were."""
     try:
@@ -75,7 +75,6 @@ class TorchBackend:
             module.to(device=self.device, dtype=self.dtype)
         if self.device == "mps":
             model.unet.set_attention_slice("auto")  # unified memory is shared with the OS: keep peaks low
-        self.compiled = compile_unet
         if compile_unet:
             compile_forward(model.unet, self.device)
         vae = model.vae.config
