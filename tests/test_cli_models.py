@@ -263,8 +263,10 @@ def test_demo_builds_the_model_once_and_writes_an_image(tmp_path, monkeypatch, c
 
     monkeypatch.setattr(request_module, "GenerationRequest", small_request)
     models_dir, out_dir = tmp_path / "m", tmp_path / "o"
-    rc, out, err = run_cli(capsys, "demo", "--models-dir", models_dir, "--output-dir", out_dir, "--no-coreml")
+    rc, out, err = run_cli(capsys, "demo", "--models-dir", models_dir, "--output-dir", out_dir, "--no-coreml",
+                           "--prompt", "a red circle on a blue background")
     assert rc == 0, err
+    assert "prompt 'a red circle on a blue background'; it reads as" in out and "images read as their prompts" in out
     model = models_dir / "Stable-diffusion" / "mlsd-demo-shapes.safetensors"
     assert model.is_file() and model.with_suffix(".yaml").is_file()
     assert not list(model.parent.glob(".*partial*"))  # the temp names are gone
@@ -279,7 +281,10 @@ def test_demo_builds_the_model_once_and_writes_an_image(tmp_path, monkeypatch, c
     rc, out, err = run_cli(capsys, "demo", "--models-dir", models_dir, "--output-dir", out_dir, "--seed", "3", "--no-coreml")
     assert rc == 0, err
     assert (model.stat().st_mtime_ns, model.with_suffix(".yaml").stat().st_mtime_ns) == stamp
-    assert sorted(p.name for p in out_dir.glob("txt2img-images/*/*.png")) == ["00000-1.png", "00001-3.png"]
+    # the default: four prompts, one image each
+    assert sorted(p.name for p in out_dir.glob("txt2img-images/*/*.png")) == [
+        "00000-1.png", "00001-3.png", "00002-3.png", "00003-3.png", "00004-3.png"]
+    assert out.count("it reads as") == 4
 
     from mlsd.infotext import read_image_parameters
 

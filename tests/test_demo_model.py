@@ -113,16 +113,67 @@ def test_shipped_files_are_an_a1111_checkpoint_with_sidecar_and_a_kohya_lora():
                for k in read_weights(lora).tensors)
 
 
-def test_recorded_metrics_describe_the_shipped_files():
+def test_recorded_metrics_describe_the_shipped_files_and_meet_the_targets():
     import json
 
     from mlsd.hashes import file_sha256
 
-    metrics = json.loads((shipped_files()[0].parent / "metrics.json").read_text())
+    checkpoint, _, lora = shipped_files()
+    metrics = json.loads((checkpoint.parent / "metrics.json").read_text())
     assert metrics["setup"]["steps"] == 20 and metrics["setup"]["cfg_scale"] == 7.0
-    assert metrics["checkpoint_sha256"] == file_sha256(shipped_files()[0], cache=False)
-    assert metrics["base"]["background_accuracy"] >= 0.9
-    assert metrics["lora_green_weight_1"]["green_fraction"] > metrics["base"]["green_fraction"]
+    assert metrics["checkpoint_sha256"] == file_sha256(checkpoint, cache=False)
+    assert metrics["lora_sha256"] == file_sha256(lora, cache=False)
+    base = metrics["base"]
+    assert base["images"] >= 128
+    assert base["colour_accuracy"] >= 0.9 and base["shape_accuracy"] >= 0.7 and base["background_accuracy"] >= 0.9
+    assert metrics["lora_green_weight_1"]["green_fraction"] >= 0.8 > base["green_fraction"]
+    training = json.loads((checkpoint.parent / "training.json").read_text())
+    assert training["seconds"]["total"] <= 60 * 60
+
+
+# Every colour once, the shapes and backgrounds in rotation: the eval's prompts, two seeds each.
+ADHERENCE = [(colour, shapes.SHAPES[i % 4], [b for b in shapes.BACKGROUNDS if b != colour][i % 5])
+             for i, colour in enumerate(shapes.COLOURS)]
+
+
+@pytest.fixture(scope="module")
+def adherence_readings():
+    """{backend: [(reading, colour, shape, background)]} for the 8 ADHERENCE prompts x 2 seeds."""
+    return {}
+
+
+def _adherence(backend, cache: dict, name: str, cfg: float = 7.0):
+    if (name, cfg) not in cache:
+        cache[name, cfg] = [(shapes.read_image(im), c, s, b) for i, (c, s, b) in enumerate(ADHERENCE)
+                            for im in draw(backend, f"a {c} {s} on a {b} background", n=2, seed=100 + 2 * i,
+                                           steps=20, cfg=cfg)]
+    return cache[name, cfg]
+
+
+def _exact(readings) -> int:
+    return sum((r.colour, r.shape, r.background) == (c, s, b) for r, c, s, b in readings)
+
+
+def test_the_prompted_colour_shape_and_background_are_drawn(backend, request, adherence_readings):
+    readings = _adherence(backend, adherence_readings, request.node.callspec.params["backend"])
+    n = len(readings)
+    assert _exact(readings) >= 0.6 * n
+    colour = sum(r.colour == c for r, c, _, _ in readings)
+    shape = sum(r.shape == s for r, _, s, _ in readings)
+    background = sum(r.background == b for r, _, _, b in readings)
+    assert colour >= 0.85 * n and shape >= 0.65 * n and background == n, (colour, shape, background)
+    # control: the same images judged against the next prompt's words
+    shifted = [ADHERENCE[(i // 2 + 1) % len(ADHERENCE)] for i in range(n)]
+    assert sum(r.colour == c for (r, *_), (c, _, _) in zip(readings, shifted)) <= 0.2 * n
+    assert sum(r.shape == s for (r, *_), (_, s, _) in zip(readings, shifted)) <= 0.35 * n
+
+
+def test_core_ml_draws_what_pytorch_draws(torch_backend, coreml_backend, adherence_readings):
+    ours = _adherence(coreml_backend, adherence_readings, "coreml")
+    ref = _adherence(torch_backend, adherence_readings, "torch")
+    same = sum((a.colour, a.shape, a.background) == (b.colour, b.shape, b.background)
+               for (a, *_), (b, *_) in zip(ours, ref))
+    assert same >= len(ref) - 2
 
 
 def test_demo_installs_the_shipped_model_once_and_replaces_a_stale_one(tmp_path):
@@ -172,24 +223,30 @@ def test_negative_prompt_steers_away_from_what_it_names(backend):
     assert mean_redness(not_red) < mean_redness(on_white) - 0.03
 
 
-def test_guidance_7_follows_the_prompt_more_than_guidance_1(backend):
-    prompts = {"a star on a green background": "green", "a square on a gray background": "gray"}
-    adherence = {cfg: np.mean([affinity(draw(backend, p, cfg=cfg, seed=7), c) for p, c in prompts.items()])
-                 for cfg in (1.0, 7.0)}
-    assert adherence[7.0] > adherence[1.0] + 0.05, adherence
+def test_guidance_7_follows_the_prompt_more_than_guidance_1(backend, request, adherence_readings):
+    """The model follows its prompts even unguided (CFG 1 samples the conditional model); guidance adds the
+    rest: on torch, 16/16 images exactly as prompted at CFG 7 against 13/16 at CFG 1."""
+    name = request.node.callspec.params["backend"]
+    guided = _exact(_adherence(backend, adherence_readings, name, cfg=7.0))
+    plain = _exact(_adherence(backend, adherence_readings, name, cfg=1.0))
+    assert guided > plain and guided >= 0.9 * len(ADHERENCE) * 2, (guided, plain)
 
 
 # ---- samplers ---------------------------------------------------------------------------------------------
 
 
-def test_every_sampler_reaches_the_prompted_colour(torch_backend):
+def test_every_sampler_reaches_the_prompted_colour_and_shape(backend):
+    """20 steps each; PLMS gets 50: at 15-20 it leaves half its images unfinished, exactly as diffusers'
+    PNDM does on the same weights (checked: identical images), and as A1111 users know it."""
     from mlsd.pipeline.samplers import SAMPLERS
 
     misses = []
     for name in SAMPLERS:
-        images = draw(torch_backend, "a square on a blue background", n=2, seed=3, sampler=name, steps=15)
-        if backgrounds(images) != ["blue", "blue"] or affinity(images, "blue") < 0.4:
-            misses.append((name, backgrounds(images), affinity(images, "blue")))
+        images = draw(backend, "a yellow square on a blue background", n=4, seed=3, sampler=name,
+                      steps=50 if name == "PLMS" else 20)
+        readings = [(r.colour, r.shape, r.background) for r in map(shapes.read_image, images)]
+        if readings.count(("yellow", "square", "blue")) < 3:
+            misses.append((name, readings))
     assert not misses
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 DEMO_NAME = "mlsd-demo-shapes"
 LORA_NAME = "mlsd-demo-green"
 SHIPPED = Path(__file__).resolve().parent.parent / "data" / "demo"
-PROMPT = "a red circle on a blue background"
+PROMPTS = ("a red circle on a blue background", "a yellow star on a black background",
+           "a green triangle on a white background", "a purple square on a gray background")
 SIZE = 64  # the model was trained at 64x64 (8x8 latents)
 
 
@@ -62,6 +63,26 @@ def describe(image) -> str:
     return f"a {r.colour} {r.shape} on a {r.background} background"
 
 
+def matches(prompt: str, image) -> bool:
+    """Whether the image shows what the prompt names: its shape, the shape's colour, the background."""
+    import re
+
+    from mlsd.demo.shapes import SHAPES, read_image
+
+    r = read_image(image)
+    shape = re.search(rf"(?:(\w+) )?({'|'.join(SHAPES)})\b", prompt)
+    background = re.search(r"(\w+) background", prompt)
+    named = {"background": background and background.group(1), "shape": shape and shape.group(2),
+             "colour": shape and shape.group(1) if shape and shape.group(1) != "a" else None}
+    return all(getattr(r, k) == v for k, v in named.items() if v)
+
+
+def _report(prompt: str, image) -> bool:
+    ok = matches(prompt, image)
+    print(f"  prompt {prompt!r}; it reads as {describe(image)!r}: {'as prompted' if ok else 'NOT as prompted'}")
+    return ok
+
+
 def cmd_demo(args) -> int:
     from mlsd.outputs import ModelStamp, save_result
     from mlsd.paths import models_dir
@@ -78,23 +99,28 @@ def cmd_demo(args) -> int:
     path = ensure_demo_model(root.root)
     print(f"demo model: {path} ({time.perf_counter() - t0:.1f} s)")
     backend = load_backend(ModelKey(path, device=args.device))
-    request = GenerationRequest(prompt=args.prompt, negative_prompt="", steps=20, cfg_scale=7.0, seed=args.seed,
-                                sampler="DPM++ 2M Karras", width=SIZE, height=SIZE)
-    result = run(backend, request)
-    saved = save_result(result, ModelStamp.from_paths(path), outputs_root=args.output_dir)
-    print(f"image: {saved.paths[0]}")
-    print(f"prompt: {request.prompt!r}; the image reads as: {describe(result.images[0])}")
-    print(f"generated {request.width}x{request.height}, {request.steps} steps, seed {result.seeds[0]}, "
-          f"in {result.seconds:.2f} s on {backend.device} ({backend.precision})")
+    requests = [GenerationRequest(prompt=prompt, negative_prompt="", steps=20, cfg_scale=7.0, seed=args.seed,
+                                  sampler="DPM++ 2M Karras", width=SIZE, height=SIZE)
+                for prompt in (args.prompt or PROMPTS)]
+    saved_paths, matched, seconds = [], 0, 0.0
+    for request in requests:
+        result = run(backend, request)
+        saved = save_result(result, ModelStamp.from_paths(path), outputs_root=args.output_dir)
+        saved_paths.append(saved.paths[0])
+        print(f"image: {saved.paths[0]}")
+        matched += _report(request.prompt, result.images[0])
+        seconds += result.seconds
+    print(f"{matched}/{len(requests)} images read as their prompts; {len(requests)} x {SIZE}x{SIZE}, 20 steps, "
+          f"seed {args.seed}, in {seconds:.2f} s on {backend.device} ({backend.precision})")
     if not args.no_coreml:
-        _coreml_leg(root, path, request, saved.paths[0], args)
+        _coreml_leg(root, path, requests, saved_paths, args)
     print(f"try: mlsd generate -m {DEMO_NAME} -p \"a yellow star on a black background\" --width {SIZE} "
           f"--height {SIZE}   (add --lora {LORA_NAME} to turn every shape green)")
     return 0
 
 
-def _coreml_leg(root, checkpoint: Path, request, torch_image: Path, args) -> None:
-    """Convert the demo model, verify every package, and draw the same seed through the Core ML path."""
+def _coreml_leg(root, checkpoint: Path, requests: list, torch_images: list[Path], args) -> None:
+    """Convert the demo model, verify every package, and draw the same prompts through the Core ML path."""
     import sys
 
     from converters.cli import print_checks, quiet_coremltools
@@ -106,7 +132,7 @@ def _coreml_leg(root, checkpoint: Path, request, torch_image: Path, args) -> Non
     from mlsd.outputs import ModelStamp, save_result
     from mlsd.pipeline.generate import run
 
-    options = ConvertOptions(sizes=[(request.width, request.height)], chunks=2)
+    options = ConvertOptions(sizes=[(SIZE, SIZE)], chunks=2)
     bundle = default_bundle_path(root.root, checkpoint, [], options)
     t0 = time.perf_counter()
     convert_checkpoint(checkpoint, bundle, options=options,
@@ -116,26 +142,29 @@ def _coreml_leg(root, checkpoint: Path, request, torch_image: Path, args) -> Non
     print_checks(verify_bundle(bundle))
     runner = "coreml" if sys.platform == "darwin" else "reference"
     backend = CoreMLBackend(bundle, runner=runner)
-    request.seed = args.seed
-    result = run(backend, request)
-    saved = save_result(result, ModelStamp.from_paths(checkpoint), outputs_root=args.output_dir)
     import numpy as np
     from PIL import Image
 
-    a = np.asarray(Image.open(torch_image).convert("RGB"), np.float64)
-    b = np.asarray(Image.open(saved.paths[0]).convert("RGB"), np.float64)
-    mse = float(((a - b) ** 2).mean())
-    db = 100.0 if mse == 0 else 10 * np.log10(255**2 / mse)
-    print(f"image ({backend.name}): {saved.paths[0]} in {result.seconds:.2f} s; it reads as: "
-          f"{describe(result.images[0])}")
-    print(f"PSNR between the PyTorch and the Core ML image: {db:.1f} dB (Core ML computes in fp16; per-package "
-          f"figures above)")
+    psnrs, matched, seconds = [], 0, 0.0
+    for request, torch_image in zip(requests, torch_images):
+        result = run(backend, request)
+        saved = save_result(result, ModelStamp.from_paths(checkpoint), outputs_root=args.output_dir)
+        a = np.asarray(Image.open(torch_image).convert("RGB"), np.float64)
+        b = np.asarray(Image.open(saved.paths[0]).convert("RGB"), np.float64)
+        mse = float(((a - b) ** 2).mean())
+        psnrs.append(100.0 if mse == 0 else 10 * np.log10(255**2 / mse))
+        print(f"image ({backend.name}): {saved.paths[0]}")
+        matched += _report(request.prompt, result.images[0])
+        seconds += result.seconds
+    print(f"{matched}/{len(requests)} Core ML images read as their prompts, in {seconds:.2f} s; PSNR against the "
+          f"PyTorch images {min(psnrs):.1f}-{max(psnrs):.1f} dB (Core ML computes in fp16; per-package figures above)")
 
 
 def add_parser(sub, common) -> None:
-    p = sub.add_parser("demo", help="install the built-in shapes model and generate one image with it")
-    p.add_argument("--prompt", default=PROMPT, help="e.g. 'a yellow star on a black background' (shapes: circle, "
-                   "square, triangle, star; 8 colours; backgrounds white, black, gray, blue, yellow, green)")
+    p = sub.add_parser("demo", help="install the built-in shapes model and generate a few images with it")
+    p.add_argument("--prompt", action="append", help="repeatable; default: four prompts, e.g. 'a yellow star on a "
+                   "black background' (shapes: circle, square, triangle, star; colours red, orange, yellow, green, "
+                   "cyan, blue, purple, pink; backgrounds white, black, gray, blue, yellow, green)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument("--output-dir", type=Path, default=Path("outputs"))
