@@ -91,3 +91,14 @@ def test_a_triangle_with_sagging_sides_is_not_a_star(sag):
     image = Image.new("RGB", (256, 256), shapes.NEUTRALS["white"])
     ImageDraw.Draw(image).polygon([(4 * x, 4 * y) for x, y in polygon], fill=shapes.COLOURS["orange"])
     assert shapes.read_image(image.resize((64, 64), Image.Resampling.BOX)).shape != "star"
+
+
+def test_the_demo_checks_each_word_the_prompt_names():
+    from mlsd.demo.run import matches
+
+    image = shapes.render(shapes.Scene("star", "yellow", "black", 32, 32, 18))
+    for prompt in ("a yellow star on a black background", "A Yellow Star", "the star", "a star on a black background",
+                   "a yellow star on a black background, detailed"):
+        assert matches(prompt, image), prompt
+    for prompt in ("a red star", "a yellow circle", "a star on a white background", "a blue square"):
+        assert not matches(prompt, image), prompt

@@ -67,13 +67,14 @@ def matches(prompt: str, image) -> bool:
     """Whether the image shows what the prompt names: its shape, the shape's colour, the background."""
     import re
 
-    from mlsd.demo.shapes import SHAPES, read_image
+    from mlsd.demo.shapes import ALL_COLOURS, COLOURS, SHAPES, read_image
 
     r = read_image(image)
-    shape = re.search(rf"(?:(\w+) )?({'|'.join(SHAPES)})\b", prompt)
-    background = re.search(r"(\w+) background", prompt)
-    named = {"background": background and background.group(1), "shape": shape and shape.group(2),
-             "colour": shape and shape.group(1) if shape and shape.group(1) != "a" else None}
+    shape = re.search(rf"(?:(\w+) )?({'|'.join(SHAPES)})\b", prompt.lower())
+    background = re.search(r"(\w+) background", prompt.lower())
+    named = {"shape": shape and shape.group(2),
+             "colour": shape and shape.group(1) in COLOURS and shape.group(1),
+             "background": background and background.group(1) in ALL_COLOURS and background.group(1)}
     return all(getattr(r, k) == v for k, v in named.items() if v)
 
 
