@@ -138,7 +138,7 @@ ADHERENCE = [(colour, shapes.SHAPES[i % 4], [b for b in shapes.BACKGROUNDS if b 
 
 @pytest.fixture(scope="module")
 def adherence_readings():
-    """{backend: [(reading, colour, shape, background)]} for the 8 ADHERENCE prompts x 2 seeds."""
+    """{(backend, cfg): [(reading, colour, shape, background)]} for the 8 ADHERENCE prompts x 2 seeds."""
     return {}
 
 
@@ -194,8 +194,7 @@ def test_demo_installs_the_shipped_model_once_and_replaces_a_stale_one(tmp_path)
 
 
 # ---- prompts, negative prompts, guidance --------------------------------------------------------------------
-# The shipped model follows the background words reliably and the foreground's only partly (its metrics are
-# in docs/demo-model.md), so most checks steer through the background.
+# Each check has its control: the opposite prompt, no negative prompt, CFG 1, the next prompt's words.
 
 
 def test_the_prompted_background_colour_is_drawn(backend):
@@ -236,8 +235,8 @@ def test_guidance_7_follows_the_prompt_more_than_guidance_1(backend, request, ad
 
 
 def test_every_sampler_reaches_the_prompted_colour_and_shape(backend):
-    """20 steps each; PLMS gets 50: at 15-20 it leaves half its images unfinished, exactly as diffusers'
-    PNDM does on the same weights (checked: identical images), and as A1111 users know it."""
+    """20 steps each; PLMS gets 50: at 15-20 it leaves half its images unfinished, as diffusers' PNDM does
+    (mlsd's samplers draw diffusers' images: tests/test_generation_parity.py), and as A1111 users know it."""
     from mlsd.pipeline.samplers import SAMPLERS
 
     misses = []
