@@ -228,7 +228,7 @@ def test_guidance_7_follows_the_prompt_more_than_guidance_1(backend, request, ad
     name = request.node.callspec.params["backend"]
     guided = _exact(_adherence(backend, adherence_readings, name, cfg=7.0))
     plain = _exact(_adherence(backend, adherence_readings, name, cfg=1.0))
-    assert guided > plain and guided >= 0.9 * len(ADHERENCE) * 2, (guided, plain)
+    assert guided > plain and guided >= 0.85 * len(ADHERENCE) * 2, (guided, plain)
 
 
 # ---- samplers ---------------------------------------------------------------------------------------------

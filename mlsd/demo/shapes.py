@@ -177,6 +177,8 @@ def _template_mask(shape: str, box: tuple[float, float, float, float], size: int
 def convex_hull_area(mask: np.ndarray) -> float:
     """Area of the convex hull of the mask's pixels, each pixel a unit square (Andrew's monotone chain)."""
     ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return 0.0
     corners = np.unique(np.concatenate([np.stack([xs + dx, ys + dy], 1) for dx in (0, 1) for dy in (0, 1)]), axis=0)
     points = [tuple(p) for p in corners.tolist()]  # sorted by x, then y
 
@@ -197,14 +199,30 @@ def convex_hull_area(mask: np.ndarray) -> float:
 # A drawn star fills 52-60 % of its hull, a blurred or decoded one up to about 75 %; circles, squares and
 # triangles, drawn or decoded, fill over 88 %.
 STAR_SOLIDITY = 0.8
-STAR_MIN_IOU = 0.55  # and a concave foreground must still fit the star's outline: not two blobs, not a triangle
-# with sagging sides (IoU 0.51-0.52), where drawn stars fit at 0.73-0.78 and generated ones at 0.56-0.80
+# A concave foreground must still fit the star's outline: not two blobs, not a triangle with sagging sides
+# (IoU 0.51-0.54), where drawn stars fit at 0.73-0.78 and generated ones at 0.56-0.80.
+STAR_MIN_IOU = 0.55
+
+
+def drop_specks(mask: np.ndarray) -> np.ndarray:
+    """The mask without connected pieces under 5 % of its largest piece: a generated image's stray specks
+    would otherwise stretch the fitted templates and the hull (two real shapes both stay)."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    if n <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())[1:]
+    keep = np.flatnonzero(sizes >= 0.05 * sizes.max()) + 1
+    return np.isin(labels, keep)
 
 
 def classify_shape(mask: np.ndarray) -> tuple[str | None, float]:
-    """(shape, IoU of its template with the mask); None when nothing readable is there.
+    """(shape or None, the IoU of the template it was judged by).
 
-    Templates are fitted to a 2 % trimmed bounding box, so stray pixels do not stretch them."""
+    Templates are fitted to a 2 % trimmed bounding box, and the hull is taken within 2 px of it, so stray
+    pixels neither stretch a template nor make a convex shape look concave."""
+    mask = drop_specks(mask)
     ys, xs = np.nonzero(mask)
     if len(xs) < 8:
         return None, 0.0
@@ -215,7 +233,12 @@ def classify_shape(mask: np.ndarray) -> tuple[str | None, float]:
         t = _template_mask(shape, box, mask.shape[0])
         return float((t & mask).sum() / max((t | mask).sum(), 1))
 
-    if mask.sum() / convex_hull_area(mask) < STAR_SOLIDITY:
+    # 2 px of slack: the trim cuts the tips of a star's points, and without them a star looks less concave
+    x0, y0 = (max(int(v) - 2, 0) for v in box[:2])
+    x1, y1 = (int(np.ceil(v)) + 2 for v in box[2:])
+    inside = np.zeros_like(mask)
+    inside[y0:y1, x0:x1] = mask[y0:y1, x0:x1]
+    if inside.sum() / max(convex_hull_area(inside), 1.0) < STAR_SOLIDITY:
         star = iou("star")
         return ("star", star) if star >= STAR_MIN_IOU else (None, star)
     scores = {shape: iou(shape) for shape in SHAPES if shape != "star"}
