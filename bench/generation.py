@@ -16,6 +16,7 @@ import torch
 
 from bench.measure import median_pairs, peak_rss_bytes
 from mlsd.backends.torch_backend import has_cpp_compiler
+from mlsd.pipeline.images import image_psnr
 
 PROMPT = "a photograph of an astronaut riding a horse"
 NEGATIVE = "blurry"
@@ -111,7 +112,7 @@ def _bench_fp32(checkpoint, request, size, steps, pairs, sampler, seed):
         "step_ratio": statistics.median(a / b for a, b in zip(per_step["mlsd"], per_step["diffusers"], strict=True)),
         "per_step": per_step,
         "mlsd_wall_s": wall_ours, "diffusers_wall_s": wall_theirs,
-        "psnr_mlsd_vs_diffusers": _psnr(fp32_image, np.asarray(images["diffusers"], np.float64)),
+        "psnr_mlsd_vs_diffusers": image_psnr(fp32_image, np.asarray(images["diffusers"], np.float64)),
         "peak_rss_gb": peak_rss_bytes() / 1e9,
     }
     out["preview"] = _bench_preview(backend, request(), steps)
@@ -189,9 +190,5 @@ def _bench_mode(checkpoint, mode, request, steps, fp32_image) -> dict:
         image = run(backend, request()).images[0]
         times.append(clock.per_step(steps))
     return {"mode": name, "step_s": statistics.median(times), "warmup_s": warmup,
-            "psnr_vs_fp32": _psnr(np.asarray(image, np.float64), fp32_image)}
+            "psnr_vs_fp32": image_psnr(np.asarray(image, np.float64), fp32_image)}
 
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(((a - b) ** 2).mean())
-    return 100.0 if mse == 0 else 10 * float(np.log10(255.0**2 / mse))

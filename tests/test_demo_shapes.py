@@ -105,7 +105,7 @@ def test_a_triangle_with_sagging_sides_is_not_a_star(sag):
 def test_the_demo_checks_each_word_the_prompt_names():
     from mlsd.demo.run import matches
 
-    image = shapes.render(shapes.Scene("star", "yellow", "black", 32, 32, 18))
+    image = shapes.read_image(shapes.render(shapes.Scene("star", "yellow", "black", 32, 32, 18)))
     for prompt in ("a yellow star on a black background", "A Yellow Star", "the star", "a star on a black background",
                    "a yellow star on a black background, detailed"):
         assert matches(prompt, image), prompt

@@ -53,24 +53,20 @@ def ensure_demo_model(models_root: Path) -> Path:
     return path
 
 
-def describe(image) -> str:
-    """What the shape classifiers read in a demo image, in the prompt's words."""
-    from mlsd.demo.shapes import read_image
-
-    r = read_image(image)
+def describe(r) -> str:
+    """What the shape classifiers read in a demo image (a shapes.Reading), in the prompt's words."""
     if r.colour is None:
         return f"no shape, a {r.background} background"
     return f"a {r.colour} {r.shape} on a {r.background} background"
 
 
-def matches(prompt: str, image) -> bool | None:
-    """Whether the image shows what the prompt names: its shape, the shape's colour, the background
-    (None: the prompt names none of the demo model's words, so there is nothing to check)."""
+def matches(prompt: str, r) -> bool | None:
+    """Whether an image's reading (a shapes.Reading) shows what the prompt names: its shape, the shape's
+    colour, the background (None: the prompt names none of the demo model's words, nothing to check)."""
     import re
 
-    from mlsd.demo.shapes import ALL_COLOURS, COLOURS, SHAPES, read_image
+    from mlsd.demo.shapes import ALL_COLOURS, COLOURS, SHAPES
 
-    r = read_image(image)
     shape = re.search(rf"(?:(\w+) )?\b({'|'.join(SHAPES)})\b", prompt.lower())
     background = re.search(r"(\w+) background", prompt.lower())
     named = {"shape": shape and shape.group(2),
@@ -80,17 +76,32 @@ def matches(prompt: str, image) -> bool | None:
     return all(checks) if checks else None
 
 
-def _report(prompt: str, image, seed: int) -> bool:
-    ok = matches(prompt, image)
-    verdict = {True: "as prompted", False: "NOT as prompted", None: "no shape, colour or background words to check"}
-    print(f"  prompt {prompt!r}, seed {seed}; it reads as {describe(image)!r}: {verdict[ok]}")
-    return bool(ok)
+def _draw_and_check(backend, requests: list, checkpoint: Path, output_dir: Path, label: str) -> list:
+    """Draw each request, save it A1111-style, and say whether it reads as its prompt; the saved images."""
+    from mlsd.demo.shapes import read_image
+    from mlsd.outputs import ModelStamp, save_result
+    from mlsd.pipeline.generate import run
+
+    verdicts = {True: "as prompted", False: "NOT as prompted", None: "no shape, colour or background words to check"}
+    saved_images, matched, seconds = [], 0, 0.0
+    for request in requests:
+        result = run(backend, request)
+        saved = save_result(result, ModelStamp.from_paths(checkpoint), outputs_root=output_dir)
+        saved_images.append(saved.paths[0])
+        request.seed = result.seeds[0]  # a random seed (-1), fixed: the next leg draws the same image
+        reading = read_image(result.images[0])
+        ok = matches(request.prompt, reading)
+        matched += bool(ok)
+        seconds += result.seconds
+        print(f"image{label}: {saved.paths[0]}")
+        print(f"  prompt {request.prompt!r}, seed {request.seed}; it reads as {describe(reading)!r}: {verdicts[ok]}")
+    print(f"{matched}/{len(requests)} images{label} read as their prompts; {len(requests)} x {SIZE}x{SIZE}, "
+          f"{requests[0].steps} steps, in {seconds:.2f} s on {backend.device} ({backend.precision})")
+    return saved_images
 
 
 def cmd_demo(args) -> int:
-    from mlsd.outputs import ModelStamp, save_result
     from mlsd.paths import models_dir
-    from mlsd.pipeline.generate import run
     from mlsd.pipeline.request import GenerationRequest
     from mlsd.session import ModelKey, load_backend
 
@@ -106,17 +117,7 @@ def cmd_demo(args) -> int:
     requests = [GenerationRequest(prompt=prompt, negative_prompt="", steps=20, cfg_scale=7.0, seed=args.seed,
                                   sampler="DPM++ 2M Karras", width=SIZE, height=SIZE)
                 for prompt in (args.prompt or PROMPTS)]
-    saved_paths, matched, seconds = [], 0, 0.0
-    for request in requests:
-        result = run(backend, request)
-        saved = save_result(result, ModelStamp.from_paths(path), outputs_root=args.output_dir)
-        saved_paths.append(saved.paths[0])
-        request.seed = result.seeds[0]  # a random seed (-1), fixed: the Core ML leg draws the same image
-        print(f"image: {saved.paths[0]}")
-        matched += _report(request.prompt, result.images[0], result.seeds[0])
-        seconds += result.seconds
-    print(f"{matched}/{len(requests)} images read as their prompts; {len(requests)} x {SIZE}x{SIZE}, 20 steps, "
-          f"in {seconds:.2f} s on {backend.device} ({backend.precision})")
+    saved_paths = _draw_and_check(backend, requests, path, args.output_dir, "")
     if not args.no_coreml:
         _coreml_leg(root, path, requests, saved_paths, args)
     print(f"try: mlsd generate -m {DEMO_NAME} -p \"a yellow star on a black background\" --width {SIZE} "
@@ -134,8 +135,7 @@ def _coreml_leg(root, checkpoint: Path, requests: list, torch_images: list[Path]
     from converters.coreml.convert import ConvertOptions, convert_checkpoint, default_bundle_path
     from converters.coreml.verify import verify_bundle
     from mlsd.backends.coreml_backend import CoreMLBackend
-    from mlsd.outputs import ModelStamp, save_result
-    from mlsd.pipeline.generate import run
+    from mlsd.pipeline.images import image_psnr
 
     options = ConvertOptions(sizes=[(SIZE, SIZE)], chunks=2)
     bundle = default_bundle_path(root.root, checkpoint, [], options)
@@ -147,22 +147,13 @@ def _coreml_leg(root, checkpoint: Path, requests: list, torch_images: list[Path]
     print_checks(verify_bundle(bundle))
     runner = "coreml" if sys.platform == "darwin" else "reference"
     backend = CoreMLBackend(bundle, runner=runner)
-    import numpy as np
     from PIL import Image
 
-    psnrs, matched, seconds = [], 0, 0.0
-    for request, torch_image in zip(requests, torch_images):
-        result = run(backend, request)
-        saved = save_result(result, ModelStamp.from_paths(checkpoint), outputs_root=args.output_dir)
-        a = np.asarray(Image.open(torch_image).convert("RGB"), np.float64)
-        b = np.asarray(Image.open(saved.paths[0]).convert("RGB"), np.float64)
-        mse = float(((a - b) ** 2).mean())
-        psnrs.append(100.0 if mse == 0 else 10 * np.log10(255**2 / mse))
-        print(f"image ({backend.name}): {saved.paths[0]}")
-        matched += _report(request.prompt, result.images[0], result.seeds[0])
-        seconds += result.seconds
-    print(f"{matched}/{len(requests)} Core ML images read as their prompts, in {seconds:.2f} s; PSNR against the "
-          f"PyTorch images {min(psnrs):.1f}-{max(psnrs):.1f} dB (Core ML computes in fp16; per-package figures above)")
+    coreml_images = _draw_and_check(backend, requests, checkpoint, args.output_dir, f" ({backend.name})")
+    psnrs = [image_psnr(Image.open(a).convert("RGB"), Image.open(b).convert("RGB"))
+             for a, b in zip(torch_images, coreml_images)]
+    print(f"PSNR of the Core ML images against the PyTorch ones: {min(psnrs):.1f}-{max(psnrs):.1f} dB (Core ML "
+          f"computes in fp16; per-package figures above)")
 
 
 def add_parser(sub, common) -> None:

@@ -117,3 +117,10 @@ def overlay_inpaint(images: list[Image.Image], request: GenerationRequest) -> li
     original, mask = inpaint_inputs(request)
     soft = soft_mask(mask, original.width, original.height, request.mask_blur)
     return [overlay_original(im, original, soft) for im in images]
+
+
+def image_psnr(a, b) -> float:
+    """PSNR in dB between two 8-bit images (PIL images or arrays), peak 255; 100 when identical."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    mse = float(((a - b) ** 2).mean())
+    return 100.0 if mse == 0 else 10 * float(np.log10(255.0**2 / mse))
